@@ -1,0 +1,131 @@
+"""A TCP proxy that delays every server-to-client chunk by a fixed time.
+
+Put in front of MariaDB, it turns each database round trip into a slow one, so the
+benchmark can show whether a cache miss (which must go to the database) holds up the
+requests of senders that are already cached. Client-to-server bytes pass at once;
+server-to-client chunks keep their order and each leaves ``--delay-ms`` after it arrived.
+Usage: ``python benchmarks/delayproxy.py --port P --upstream HOST:PORT --delay-ms N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import signal
+
+
+class Delayed:
+    """Writes chunks to a transport, each one ``delay`` seconds after it was queued."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, out: asyncio.Transport, delay: float):
+        self.loop, self.out, self.delay = loop, out, delay
+        self.queue: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def push(self, data: bytes) -> None:
+        if self.delay <= 0:
+            self.out.write(data)
+            return
+        self.queue.append((self.loop.time() + self.delay, data))
+        if self.timer is None:
+            self.timer = self.loop.call_at(self.queue[0][0], self._release)
+
+    def _release(self) -> None:
+        # one timer per direction at a time keeps the chunks in order (timers that
+        # fall due at the same instant have no defined order in asyncio's heap)
+        self.timer = None
+        now = self.loop.time()
+        while self.queue and self.queue[0][0] <= now + 1e-6:
+            if not self.out.is_closing():
+                self.out.write(self.queue.popleft()[1])
+            else:
+                self.queue.popleft()
+        if self.queue:
+            self.timer = self.loop.call_at(self.queue[0][0], self._release)
+
+    def close_after(self) -> None:
+        """Close the output once everything queued has been written."""
+        if self.queue:
+            deadline = self.queue[-1][0]
+            self.loop.call_at(deadline + 0.001, self.out.close)
+        else:
+            self.out.close()
+
+
+class Upstream(asyncio.Protocol):
+    """The proxy's connection to the real server: its bytes go back delayed."""
+
+    def __init__(self, downstream: Downstream) -> None:
+        self.down = downstream
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.down.delayed.push(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.down.delayed.close_after()
+
+
+class Downstream(asyncio.Protocol):
+    """A client of the proxy (the daemon's database connection)."""
+
+    def __init__(self, upstream: tuple[str, int], delay: float) -> None:
+        self.upstream_addr, self.delay = upstream, delay
+        self.pending: list[bytes] = []
+        self.up: Upstream | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        loop = asyncio.get_running_loop()
+        self.delayed = Delayed(loop, transport, self.delay)
+        transport.pause_reading()
+        self.connecting = loop.create_task(self._connect(loop))
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            _, up = await loop.create_connection(lambda: Upstream(self), *self.upstream_addr)
+        except OSError:
+            self.transport.close()
+            return
+        self.up = up
+        self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.close()
+
+
+async def serve(port: int, upstream: tuple[str, int], delay: float) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: Downstream(upstream, delay), "127.0.0.1", port, backlog=256
+    )
+    stopped = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopped.set)
+    async with server:
+        await stopped.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream", required=True, help="HOST:PORT of the real server")
+    parser.add_argument("--delay-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    host, _, port = args.upstream.rpartition(":")
+    asyncio.run(serve(args.port, (host, int(port)), args.delay_ms / 1000.0))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""ratelimit-policyd: a sender rate-limit policy daemon for Postfix."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from ratelimit_policyd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,324 @@
+"""QuotaCache: the daemon's only shared mutable state, behind one lock.
+
+Request threads charge counts here; the flusher drains them to the database and feeds
+back the rows it reads. The lock guards dictionary work only: every database call
+happens outside it (a miss is loaded by the caller, then installed), so a slow or dead
+database never stalls requests for cached keys. Imports only the stdlib, ``model`` and
+``window``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+from ratelimit_policyd.model import Delta, Row
+from ratelimit_policyd.window import Calendar
+
+UPDATE: Final = "UPDATE"
+INSERT: Final = "INSERT"
+OVER_QUOTA: Final = "OVER_QUOTA"
+
+
+class Entry:
+    """One cached key. ``used`` as seen by requests is ``base + inflight + pending``.
+
+    * ``base``: ``used`` of the row as last read from the database (all daemons' counts);
+    * ``inflight``: counts handed to the flusher and not yet confirmed written;
+    * ``pending``: counts made since the last drain;
+    * ``gen``: bumped when the window rolls over locally, so that a flush of the old
+      window that completes later is not mistaken for the new one.
+    """
+
+    __slots__ = ("base", "expiry", "gen", "inflight", "known", "loaded", "pending", "persist",
+                 "quota", "seen")
+
+    def __init__(self, quota: int, persist: bool, expiry: int, base: int, known: bool,
+                 loaded: bool, now: float) -> None:
+        self.quota = quota
+        self.persist = persist
+        self.expiry = expiry
+        self.base = base
+        self.inflight = 0
+        self.pending = 0
+        self.gen = 0
+        self.known = known  # a row exists (or will: a count for it is pending)
+        self.loaded = loaded  # the row was read from the database, not assumed
+        self.seen = now
+
+
+class Charge(NamedTuple):
+    """The outcome of charging ``n`` to a key; ``used`` includes ``n``."""
+
+    used: int
+    quota: int
+    over: bool
+    status: str  # UPDATE | INSERT | OVER_QUOTA (the Perl daemon's log statuses)
+    loaded: bool  # False: the database could not be read; quota is the default
+
+
+class Batch(NamedTuple):
+    """What one flush writes. ``gens[i]`` is -1 for a delta of an already rolled window."""
+
+    deltas: list[Delta]
+    gens: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheRow:
+    """A read-only view of an entry, for status output."""
+
+    key: str
+    quota: int
+    used: int
+    expiry: int
+    persist: bool
+    pending: int
+    loaded: bool
+
+
+class QuotaCache:
+    """Thread-safe quota cache; the lock never leaves this class."""
+
+    def __init__(self, calendar: Calendar, default_quota: int, *, max_entries: int = 200_000,
+                 idle_ttl: float = 300.0) -> None:
+        self._lock = threading.Lock()
+        # Ordered by last use (least recent first) so eviction pops from the front.
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._dirty: set[str] = set()
+        # Deltas of windows that rolled over before they were flushed.
+        self._rolled: list[Delta] = []
+        self._calendar = calendar
+        self._default_quota = default_quota
+        self.max_entries = max_entries
+        self.idle_ttl = idle_ttl
+
+    # -- request path ---------------------------------------------------------------
+
+    def charge(self, key: str, n: int, now: float) -> Charge | None:
+        """Count ``n`` for ``key`` and say whether it went over; None on a miss."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                return None
+            self._entries.move_to_end(key)
+            e.seen = now
+            if now >= e.expiry:
+                self._roll(key, e, now)
+            e.pending += n
+            self._dirty.add(key)
+            used = e.base + e.inflight + e.pending
+            quota = e.quota
+            if used > quota:
+                status = OVER_QUOTA
+            elif e.known:
+                status = UPDATE
+            else:
+                status = INSERT
+            e.known = True
+            return Charge(used, quota, used > quota, status, e.loaded)
+
+    def install(self, key: str, row: Row | None, now: float) -> None:
+        """Cache a key after a miss: ``row`` as loaded, or None when it has no row.
+
+        Insert-if-absent: when two threads missed the same key, the first install wins
+        and the other's (equally fresh) row is dropped, so no count is lost.
+        """
+        entry = self._entry_from_row(row, now, loaded=True)
+        with self._lock:
+            if key not in self._entries:
+                self._entries[key] = entry
+
+    def install_unloaded(self, key: str, now: float) -> None:
+        """Cache a key whose row could not be read (database down): default quota.
+
+        Counts made meanwhile are flushed when the database is back; the row the flush
+        returns then replaces the assumed quota and count.
+        """
+        entry = Entry(self._default_quota, False, self._calendar.next_boundary(now), 0,
+                      known=True, loaded=False, now=now)
+        with self._lock:
+            if key not in self._entries:
+                self._entries[key] = entry
+
+    # -- flusher side ---------------------------------------------------------------
+
+    def drain(self) -> Batch:
+        """Take every pending count for writing; they stay visible as ``inflight``."""
+        with self._lock:
+            deltas = self._rolled
+            gens = [-1] * len(deltas)
+            self._rolled = []
+            entries = self._entries
+            for key in self._dirty:
+                e = entries[key]
+                if e.pending:
+                    deltas.append(Delta(key, e.pending, e.expiry))
+                    gens.append(e.gen)
+                    e.inflight += e.pending
+                    e.pending = 0
+            self._dirty = set()
+        return Batch(deltas, gens)
+
+    def restore(self, batch: Batch) -> None:
+        """A flush failed: put its counts back so the next flush retries them."""
+        with self._lock:
+            for delta, gen in zip(batch.deltas, batch.gens, strict=True):
+                e = self._entries.get(delta.sender)
+                if gen < 0 or e is None or e.gen != gen:
+                    # Its window has rolled since: keep it as a delta of that window.
+                    self._rolled.append(delta)
+                    continue
+                e.inflight -= delta.n
+                e.pending += delta.n
+                self._dirty.add(delta.sender)
+
+    def confirm(self, batch: Batch, rows: dict[str, Row], now: float) -> None:
+        """A flush succeeded: drop its counts from ``inflight``, adopt the rows read back."""
+        with self._lock:
+            entries = self._entries
+            for delta, gen in zip(batch.deltas, batch.gens, strict=True):
+                if gen < 0:
+                    continue
+                e = entries.get(delta.sender)
+                if e is not None and e.gen == gen:
+                    e.inflight -= delta.n
+            for key, row in rows.items():
+                e = entries.get(key)
+                if e is not None:
+                    self._adopt(e, row, now)
+
+    def refresh_candidates(self, now: float, limit: int) -> list[str]:
+        """Recently used keys to re-read, most recent first (at most ``limit``).
+
+        Keys charged since the last flush are refreshed by the flush itself; the others
+        are re-read so that an operator's change (or another daemon's counts) is seen.
+        """
+        cutoff = now - self.idle_ttl
+        keys: list[str] = []
+        with self._lock:
+            dirty = self._dirty
+            for key in reversed(self._entries):
+                e = self._entries[key]
+                if e.seen < cutoff or len(keys) >= limit:
+                    break
+                if key not in dirty and not e.inflight:
+                    keys.append(key)
+        return keys
+
+    def refresh(self, keys: Iterable[str], rows: dict[str, Row], now: float) -> None:
+        """Adopt re-read rows; a key whose row was deleted is forgotten when clean."""
+        with self._lock:
+            entries = self._entries
+            for key in keys:
+                e = entries.get(key)
+                if e is None:
+                    continue
+                row = rows.get(key)
+                if row is not None:
+                    self._adopt(e, row, now)
+                elif e.loaded and not e.pending and not e.inflight and key not in self._dirty:
+                    # Deleted by an operator: the next request starts it afresh.
+                    del entries[key]
+
+    def evict(self, now: float) -> int:
+        """Drop least recently used clean entries: idle ones, and any over the cap."""
+        cutoff = now - self.idle_ttl
+        evicted = 0
+        with self._lock:
+            entries = self._entries
+            skipped = 0
+            while entries and skipped < 1000:
+                key, e = next(iter(entries.items()))
+                if e.seen >= cutoff and len(entries) <= self.max_entries:
+                    break
+                if e.pending or e.inflight or key in self._dirty:
+                    # Unwritten counts (database down): keep, look further.
+                    entries.move_to_end(key)
+                    skipped += 1
+                    continue
+                del entries[key]
+                evicted += 1
+        return evicted
+
+    def add_rolled(self, deltas: Iterable[Delta]) -> None:
+        """Counts to write that belong to no cached entry (spooled at the last stop)."""
+        with self._lock:
+            self._rolled.extend(deltas)
+
+    def reconfigure(self, calendar: Calendar, default_quota: int) -> None:
+        """New period/default quota (reload): applies from each key's next window."""
+        with self._lock:
+            self._calendar = calendar
+            self._default_quota = default_quota
+
+    # -- introspection --------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def pending_total(self) -> int:
+        with self._lock:
+            return (sum(e.pending + e.inflight for e in self._entries.values())
+                    + sum(d.n for d in self._rolled))
+
+    def snapshot(self) -> list[CacheRow]:
+        with self._lock:
+            return [CacheRow(k, e.quota, e.base + e.inflight + e.pending, e.expiry, e.persist,
+                             e.pending + e.inflight, e.loaded)
+                    for k, e in self._entries.items()]
+
+    def peek(self, key: str) -> CacheRow | None:
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                return None
+            return CacheRow(key, e.quota, e.base + e.inflight + e.pending, e.expiry, e.persist,
+                            e.pending + e.inflight, e.loaded)
+
+    # -- internals (lock held) ------------------------------------------------------
+
+    def _entry_from_row(self, row: Row | None, now: float, loaded: bool) -> Entry:
+        if row is None:
+            return Entry(self._default_quota, False, self._calendar.next_boundary(now), 0,
+                         known=False, loaded=loaded, now=now)
+        if row.expiry <= now:
+            # The row's window is over; the database resets it with our first count.
+            quota = row.quota if row.persist else self._default_quota
+            return Entry(quota, row.persist, self._calendar.next_boundary(now), 0,
+                         known=True, loaded=loaded, now=now)
+        return Entry(row.quota, row.persist, row.expiry, row.used, known=True, loaded=loaded,
+                     now=now)
+
+    def _roll(self, key: str, e: Entry, now: float) -> None:
+        """The key's window is over: start a new one locally (the DB follows on flush)."""
+        if e.pending:
+            self._rolled.append(Delta(key, e.pending, e.expiry))
+            e.pending = 0
+        e.gen += 1
+        e.base = 0
+        e.inflight = 0
+        e.expiry = self._calendar.next_boundary(now)
+        if not e.persist:
+            e.quota = self._default_quota
+
+    def _adopt(self, e: Entry, row: Row, now: float) -> None:
+        """Take the database's view of a key, given ours may be a window ahead."""
+        e.persist = row.persist
+        e.known = True
+        if row.expiry < e.expiry:
+            # We rolled over locally and the database has not seen a count of the new
+            # window yet: its ``used`` belongs to the old window. Only a persistent
+            # quota carries over.
+            if row.persist:
+                e.quota = row.quota
+            e.loaded = True
+            return
+        # Same window, or another daemon (or an operator) moved the row forward.
+        e.expiry = row.expiry
+        e.quota = row.quota
+        e.base = row.used
+        e.loaded = True

@@ -1,0 +1,261 @@
+"""The ``ratelimit-policyd`` command: ``run`` the daemon, and admin subcommands.
+
+Admin commands work on the database directly with the daemon's configuration; a running
+daemon sees their changes at its next refresh (within about two flush intervals).
+Exit codes follow ``os.EX_*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ratelimit_policyd import __version__
+from ratelimit_policyd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, ConfigError, Settings, load
+from ratelimit_policyd.status import rows_table
+
+
+def _run_overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Command-line flags as config overrides (flags win over the file)."""
+    o: dict[str, dict[str, Any]] = {}
+
+    def put(section: str, key: str, value: Any) -> None:
+        if value is not None:
+            o.setdefault(section, {})[key] = value
+
+    put("server", "listen", getattr(ns, "listen", None))
+    put("server", "allowed_hosts", getattr(ns, "allowed_hosts", None))
+    put("database", "url", getattr(ns, "db", None))
+    put("limits", "default_quota", getattr(ns, "default_quota", None))
+    put("limits", "period", getattr(ns, "period", None))
+    put("limits", "key_type", getattr(ns, "key_type", None))
+    put("limits", "over_quota_action", getattr(ns, "over_quota_action", None))
+    put("limits", "on_db_error", getattr(ns, "on_db_error", None))
+    put("cache", "flush_interval", getattr(ns, "flush_interval", None))
+    put("log", "file", getattr(ns, "log_file", None))
+    put("log", "level", getattr(ns, "log_level", None))
+    put("daemon", "state_dir", getattr(ns, "state_dir", None))
+    return o
+
+
+def _config_path(ns: argparse.Namespace) -> tuple[str | None, bool]:
+    """The config file to read, and whether it must exist (it must when named)."""
+    if ns.config:
+        return ns.config, True
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return env, True
+    if os.path.exists(DEFAULT_CONFIG_PATH):
+        return DEFAULT_CONFIG_PATH, True
+    return None, False
+
+
+def _settings(ns: argparse.Namespace) -> Settings:
+    path, must = _config_path(ns)
+    return load(path, _run_overrides(ns), must_exist=must)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help=f"TOML config file (default {DEFAULT_CONFIG_PATH} if it exists, "
+                        f"or ${CONFIG_ENV})")
+    p.add_argument("--db", metavar="URL",
+                   help="sqlite:///ABS/PATH.sqlite3 or mysql://USER:PASSWORD@HOST:PORT/DB "
+                        "(password also from the config file or $RATELIMIT_POLICYD_DB_PASSWORD)")
+    p.add_argument("--state-dir", metavar="DIR", help="directory of the default SQLite database")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ratelimit-policyd",
+        description="Sender rate-limit policy daemon for Postfix.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon (foreground unless --daemon)")
+    _add_common(run)
+    run.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:10032")
+    run.add_argument("--default-quota", type=int, metavar="N", help="default 1000")
+    run.add_argument("--period", choices=["hourly", "daily", "weekly", "monthly"],
+                     help="default daily")
+    run.add_argument("--key-type", choices=["email", "domain"], help="default email")
+    run.add_argument("--flush-interval", type=float, metavar="SECONDS", help="default 2")
+    run.add_argument("--log-file", metavar="PATH", help="'-' for stderr (default)")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--allowed-hosts", metavar="LIST",
+                     help="comma-separated addresses/networks (default 127.0.0.1,::1)")
+    run.add_argument("--over-quota-action", metavar="ACTION",
+                     help="reply over quota (default '471 {period} message quota exceeded')")
+    run.add_argument("--on-db-error", choices=["dunno", "defer"])
+
+    p = sub.add_parser("check-config", help="validate the configuration and exit")
+    _add_common(p)
+    p = sub.add_parser("print-config", help="print every setting with its value")
+    _add_common(p)
+    p = sub.add_parser("init-db", help="create the table (and view) if missing")
+    _add_common(p)
+    p = sub.add_parser("show", help="show one key's row")
+    _add_common(p)
+    p.add_argument("key")
+    p = sub.add_parser("set-quota", help="set a key's quota")
+    _add_common(p)
+    p.add_argument("key")
+    p.add_argument("quota", type=int)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--persist", action="store_true", default=None,
+                   help="keep this quota across window resets")
+    g.add_argument("--no-persist", dest="persist", action="store_false",
+                   help="reset to the default quota at the next window")
+    p = sub.add_parser("reset", help="set a key's used counter to 0")
+    _add_common(p)
+    p.add_argument("key")
+    p = sub.add_parser("delete", help="remove a key's row")
+    _add_common(p)
+    p.add_argument("key")
+    p = sub.add_parser("list", help="list keys")
+    _add_common(p)
+    p.add_argument("--over-quota", action="store_true", help="only keys at or over quota")
+    p.add_argument("--top", type=int, metavar="N", help="the N keys with the highest usage")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        settings = _settings(ns)
+    except ConfigError as exc:
+        print("ratelimit-policyd: invalid configuration:", file=sys.stderr)
+        for err in exc.errors:
+            print(f"  {err}", file=sys.stderr)
+        return os.EX_CONFIG
+    try:
+        return _dispatch(ns, settings)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(ns: argparse.Namespace, settings: Settings) -> int:
+    cmd = ns.command
+    if cmd == "run":
+        return _cmd_run(ns, settings)
+    if cmd == "check-config":
+        print(f"configuration OK ({settings.source or 'built-in defaults'})")
+        return os.EX_OK
+    if cmd == "print-config":
+        from dataclasses import fields
+
+        for section in ("server", "limits", "database", "cache", "log", "daemon"):
+            obj = getattr(settings, section)
+            print(f"[{section}]")
+            for f in fields(obj):
+                value = getattr(obj, f.name)
+                if f.name == "password" and value:
+                    value = "***"
+                print(f"{f.name} = {_toml(value)}")
+            print()
+        return os.EX_OK
+    return _cmd_admin(ns, settings)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _cmd_run(ns: argparse.Namespace, settings: Settings) -> int:
+    from ratelimit_policyd.lifecycle import Daemon
+    from ratelimit_policyd.storage.base import StorageError
+
+    daemon = Daemon(settings, _run_overrides(ns))
+    daemon.install_signal_handlers()
+    try:
+        daemon.start()
+    except StorageError as exc:
+        print(f"ratelimit-policyd: database: {exc}", file=sys.stderr)
+        return os.EX_UNAVAILABLE
+    except OSError as exc:
+        print(f"ratelimit-policyd: cannot start: {exc}", file=sys.stderr)
+        return os.EX_OSERR
+    return daemon.run()
+
+
+def _cmd_admin(ns: argparse.Namespace, settings: Settings) -> int:
+    from ratelimit_policyd.storage import open_storage
+    from ratelimit_policyd.storage.base import StorageError
+
+    try:
+        storage = open_storage(settings.db_url(), names=settings.table_names(),
+                               password=settings.db_password(), pool_size=1,
+                               connect_timeout=settings.database.connect_timeout,
+                               read_timeout=settings.database.read_timeout)
+    except (StorageError, ValueError) as exc:
+        print(f"ratelimit-policyd: database: {exc}", file=sys.stderr)
+        return os.EX_UNAVAILABLE
+    limits = settings.policy_limits()
+    try:
+        if ns.command == "init-db":
+            storage.init_schema()
+            storage.check_schema()
+            print("schema ready")
+            return os.EX_OK
+        storage.check_schema()
+        if ns.command == "list":
+            rows = list(storage.iter_rows())
+            if ns.over_quota:
+                now = time.time()
+                rows = [r for r in rows if r.used >= r.quota and r.expiry > now]
+            rows.sort(key=lambda r: (-r.used, r.sender) if ns.top else (r.sender,))
+            if ns.top:
+                rows = rows[: ns.top]
+            for line in rows_table(rows):
+                print(line)
+            return os.EX_OK
+        key = ns.key.lower() if limits.lowercase_keys else ns.key
+        if ns.command == "show":
+            row = storage.load([key]).get(key)
+            if row is None:
+                print(f"{key}: no row (quota would be the default, {limits.default_quota})",
+                      file=sys.stderr)
+                return 1
+            for line in rows_table([row]):
+                print(line)
+            return os.EX_OK
+        if ns.command == "set-quota":
+            if ns.quota < 0:
+                print("ratelimit-policyd: quota must be 0 or more", file=sys.stderr)
+                return os.EX_USAGE
+            row = storage.set_quota(key, ns.quota, ns.persist,
+                                    settings.calendar().next_boundary(time.time()))
+            for line in rows_table([row]):
+                print(line)
+            return os.EX_OK
+        if ns.command == "reset":
+            reset_row = storage.reset(key)
+            if reset_row is None:
+                print(f"{key}: no row", file=sys.stderr)
+                return 1
+            for line in rows_table([reset_row]):
+                print(line)
+            return os.EX_OK
+        if ns.command == "delete":
+            if not storage.delete(key):
+                print(f"{key}: no row", file=sys.stderr)
+                return 1
+            print(f"{key}: deleted")
+            return os.EX_OK
+        raise AssertionError(ns.command)
+    except StorageError as exc:
+        print(f"ratelimit-policyd: database: {exc}", file=sys.stderr)
+        return os.EX_UNAVAILABLE
+    finally:
+        storage.close()

@@ -1,0 +1,126 @@
+"""The request path: one decoded Postfix request in, one encoded reply out.
+
+Wires the pure ``policy`` rules to the ``cache`` and, on a miss, to ``storage`` (outside
+the cache lock). Writes the Perl daemon's per-request log line. Never raises: any
+unexpected error is logged and answered with DUNNO (fail open), so Postfix always gets
+an answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Final
+
+from ratelimit_policyd.cache import OVER_QUOTA, QuotaCache
+from ratelimit_policyd.codec import encode_reply
+from ratelimit_policyd.policy import Countable, Limits, classify
+from ratelimit_policyd.storage.base import Storage, StorageError
+
+log = logging.getLogger(__name__)
+#: The per-request decision line goes to its own logger so operators can route it.
+decisions = logging.getLogger("ratelimit_policyd.decisions")
+
+DUNNO: Final = encode_reply("DUNNO")
+
+#: After a failed read, misses go straight to ``on_db_error`` for this long instead of
+#: each waiting for a connect timeout of its own.
+DB_RETRY_AFTER: Final = 2.0
+
+
+class Engine:
+    """Decides requests. ``limits`` may be replaced at any time (reload)."""
+
+    def __init__(self, limits: Limits, cache: QuotaCache, storage: Storage,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cache = cache
+        self.storage = storage
+        self._clock = clock
+        self._db_down_until = 0.0
+        self.stats: Counter[str] = Counter()
+        self._stats_lock = threading.Lock()
+        self.set_limits(limits)
+
+    def set_limits(self, limits: Limits) -> None:
+        # One attribute swap: request threads see either the old or the new settings.
+        self._state = (limits, encode_reply(limits.over_quota_reply),
+                       encode_reply(limits.defer_action) if limits.on_db_error == "defer"
+                       else DUNNO)
+
+    @property
+    def limits(self) -> Limits:
+        return self._state[0]
+
+    def db_ok(self) -> None:
+        """The flusher reached the database: misses may try it again."""
+        self._db_down_until = 0.0
+
+    def handle(self, attrs: dict[str, str]) -> bytes:
+        try:
+            return self._handle(attrs)
+        except Exception:
+            log.exception("internal error while deciding a request; answering DUNNO")
+            self._count("error")
+            return DUNNO
+
+    def _handle(self, attrs: dict[str, str]) -> bytes:
+        limits, over_reply, db_error_reply = self._state
+        what = classify(attrs, limits)
+        if not isinstance(what, Countable):
+            self._count("dunno")
+            return DUNNO
+        now = self._clock()
+        cache = self.cache
+        charge = cache.charge(what.key, what.n, now)
+        if charge is None:
+            self._load(what.key, now)
+            charge = cache.charge(what.key, what.n, now)
+            if charge is None:  # evicted in between: only under extreme churn
+                self._load(what.key, now)
+                charge = cache.charge(what.key, what.n, now)
+                if charge is None:
+                    self._count("dunno")
+                    return DUNNO
+        if not charge.loaded:
+            reply = db_error_reply
+            action = "db_error"
+        elif charge.over:
+            reply = over_reply
+            action = "over_quota"
+        else:
+            reply = DUNNO
+            action = "dunno"
+        self._count(action)
+        if decisions.isEnabledFor(logging.INFO):
+            # The Perl daemon's line, field for field (recipient_count is what was counted).
+            decisions.info(
+                "%s: client=%s[%s], sasl_method=%s, sasl_username=%s, recipient_count=%d, "
+                "curr_count=%d/%d, status=%s",
+                attrs.get("queue_id", ""), attrs.get("client_name", ""),
+                attrs.get("client_address", ""), attrs.get("sasl_method", ""),
+                attrs.get("sasl_username", ""), what.n, charge.used, charge.quota,
+                OVER_QUOTA if charge.over else charge.status)
+        return reply
+
+    def _load(self, key: str, now: float) -> None:
+        """Fill the cache for a missed key, outside the cache lock."""
+        if now < self._db_down_until:
+            self.cache.install_unloaded(key, now)
+            return
+        try:
+            rows = self.storage.load([key])
+        except StorageError as exc:
+            self._db_down_until = now + DB_RETRY_AFTER
+            log.warning("database unavailable for %r (%s): answering per on_db_error and "
+                        "counting in memory until it is back", key, exc)
+            self.cache.install_unloaded(key, now)
+            return
+        self.cache.install(key, rows.get(key), now)
+
+    def _count(self, what: str) -> None:
+        # Counter updates are not atomic across threads; a small lock keeps stats exact.
+        with self._stats_lock:
+            self.stats[what] += 1

@@ -1,0 +1,133 @@
+"""The flusher thread: writes pending counts through to the database.
+
+Each round: drain the cache, apply the deltas as atomic increments (one transaction per
+chunk), feed the rows read back into the cache, re-read recently used clean keys (so an
+operator's quota change or another daemon's counts are seen), evict idle entries. A
+failed write puts the counts back into the cache; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ratelimit_policyd.cache import QuotaCache
+from ratelimit_policyd.storage.base import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+#: Most clean keys re-read per round; bounds the flusher's database load when many
+#: keys are cached. Keys charged in the round are refreshed by the write itself.
+REFRESH_LIMIT = 20_000
+
+
+@dataclass(slots=True)
+class FlushStats:
+    rounds: int = 0
+    last_time: float = 0.0
+    last_ok: bool = True
+    last_error: str = ""
+    last_written: int = 0
+    last_seconds: float = 0.0
+    failures: int = 0
+
+
+class Flusher(threading.Thread):
+    """``while not stop.wait(interval): flush_once()``; ``close()`` does the final flush."""
+
+    def __init__(self, cache: QuotaCache, storage: Storage, interval: float,
+                 default_quota: Callable[[], int], on_db_ok: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        super().__init__(name="flusher", daemon=True)
+        self.cache = cache
+        self.storage = storage
+        self.interval = interval
+        self._default_quota = default_quota
+        self._on_db_ok = on_db_ok or (lambda: None)
+        self._clock = clock
+        self._stop_event = threading.Event()
+        # flush_once runs in this thread and, for the final flush, in the stopping one.
+        self._flush_lock = threading.Lock()
+        self.stats = FlushStats()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            try:
+                self.flush_once()
+            except Exception:
+                log.exception("flusher round failed; counts stay pending")
+
+    def flush_once(self) -> bool:
+        """One round; True when every pending count was written."""
+        with self._flush_lock:
+            return self._flush_once()
+
+    def _flush_once(self) -> bool:
+        started = time.monotonic()
+        cache = self.cache
+        batch = cache.drain()
+        ok = True
+        written = 0
+        if batch.deltas:
+            try:
+                rows = self.storage.apply(batch.deltas, self._default_quota())
+            except StorageError as exc:
+                cache.restore(batch)
+                ok = False
+                self._failed(exc, len(batch.deltas))
+            else:
+                cache.confirm(batch, rows, self._clock())
+                written = len(batch.deltas)
+        if ok:
+            keys = cache.refresh_candidates(self._clock(), REFRESH_LIMIT)
+            if keys:
+                try:
+                    rows = self.storage.load(keys)
+                except StorageError as exc:
+                    ok = False
+                    self._failed(exc, 0)
+                else:
+                    cache.refresh(keys, rows, self._clock())
+        cache.evict(self._clock())
+        st = self.stats
+        st.rounds += 1
+        st.last_time = self._clock()
+        st.last_seconds = time.monotonic() - started
+        st.last_written = written
+        if ok:
+            if not st.last_ok:
+                log.info("database reachable again; pending counts written")
+            st.last_ok = True
+            st.last_error = ""
+            self._on_db_ok()
+            if written:
+                log.debug("flushed %d keys in %.3f s", written, st.last_seconds)
+        return ok
+
+    def _failed(self, exc: StorageError, n: int) -> None:
+        st = self.stats
+        st.failures += 1
+        if st.last_ok or str(exc) != st.last_error:
+            log.error("flush failed (%s); %d keys keep their counts in memory and are "
+                      "retried every %.1f s", exc, n, self.interval)
+        st.last_ok = False
+        st.last_error = str(exc)
+
+    def close(self, timeout: float) -> bool:
+        """Stop the thread and flush what is left, retrying until ``timeout``.
+
+        Returns True when everything was written.
+        """
+        deadline = time.monotonic() + timeout
+        self._stop_event.set()
+        if self.is_alive():
+            self.join(max(0.0, deadline - time.monotonic()))
+        while True:
+            if self.flush_once() and not self.cache.pending_total():
+                return True
+            if time.monotonic() + 0.5 >= deadline:
+                return False
+            time.sleep(0.5)

@@ -1,0 +1,258 @@
+"""Wiring and lifecycle: build the parts, run them, stop them in the right order.
+
+The main thread owns the signals. A handler only records the signal number and wakes
+the main loop through a self-pipe (no logging, no locks in a handler); the loop then
+calls ``handle_term`` / ``handle_hup`` / ``handle_usr1`` in normal thread context.
+``serve_forever()`` runs in its own thread, since ``shutdown()`` would deadlock in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ratelimit_policyd import __version__
+from ratelimit_policyd.cache import QuotaCache
+from ratelimit_policyd.config import ConfigError, Settings, redact_url, reload
+from ratelimit_policyd.engine import Engine
+from ratelimit_policyd.flusher import Flusher
+from ratelimit_policyd.logs import setup_logging
+from ratelimit_policyd.model import Delta
+from ratelimit_policyd.server import AccessList, PolicyServer, parse_networks
+from ratelimit_policyd.storage import open_storage
+from ratelimit_policyd.storage.base import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+#: Thread stack size for connection threads: hundreds of Postfix connections each hold
+#: a thread, and the default 8 MiB of address space each is far more than they use.
+THREAD_STACK_SIZE = 512 * 1024
+SPOOL_NAME = "pending-counts.jsonl"
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify(%s) failed: %s", message, exc)
+
+
+class Daemon:
+    """One running policy daemon."""
+
+    def __init__(self, settings: Settings,
+                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        self.settings = settings
+        self._overrides = overrides
+        self.started = time.time()
+        self._signals: deque[int] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._stop_requested = False
+        self.storage: Storage | None = None
+        self.server: PolicyServer | None = None
+        self.flusher: Flusher | None = None
+
+    # -- start ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        s = self.settings
+        setup_logging(s.log)
+        storage = open_storage(s.db_url(), names=s.table_names(), password=s.db_password(),
+                               pool_size=s.database.pool_size,
+                               connect_timeout=s.database.connect_timeout,
+                               read_timeout=s.database.read_timeout)
+        self.storage = storage
+        try:
+            storage.check_schema()
+        except StorageError as exc:
+            if exc.transient:
+                # The database being down must not keep mail from flowing: start, answer
+                # from memory, write counts when it is back.
+                log.error("database unreachable at start (%s); serving from memory", exc)
+            else:
+                raise
+        limits = s.policy_limits()
+        cache = QuotaCache(s.calendar(), limits.default_quota,
+                           max_entries=s.cache.max_entries, idle_ttl=s.cache.idle_ttl)
+        self.cache = cache
+        self.engine = engine = Engine(limits, cache, storage)
+        self.flusher = Flusher(cache, storage, s.cache.flush_interval,
+                               default_quota=lambda: self.engine.limits.default_quota,
+                               on_db_ok=engine.db_ok)
+        self._replay_spool()
+        threading.stack_size(THREAD_STACK_SIZE)
+        self.server = PolicyServer(
+            s.listen_address(), engine.handle,
+            allowed=AccessList(parse_networks(s.server.allowed_hosts)),
+            max_connections=s.server.max_connections,
+            max_request_bytes=s.server.max_request_bytes,
+            idle_timeout=s.server.idle_timeout, request_timeout=s.server.request_timeout)
+        self.flusher.start()
+        self._serve_thread = threading.Thread(target=self.server.serve_forever,
+                                              kwargs={"poll_interval": 0.5},
+                                              name="acceptor", daemon=True)
+        self._serve_thread.start()
+        host, port = self.server.server_address[:2]
+        log.info("ratelimit-policyd %s listening on %s port %d; database %s; period %s, "
+                 "default quota %d, key %s", __version__, host, port,
+                 redact_url(s.db_url()), limits.period.value, limits.default_quota,
+                 limits.key_type)
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=listening on port {port}")
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        # Only record and wake the main loop: no logging, no locks here.
+        if signum in (signal.SIGTERM, signal.SIGINT) and self._stop_requested:
+            os._exit(1)  # a second stop signal: terminate hard
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self._stop_requested = True
+        self._signals.append(signum)
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\0")
+
+    # -- main loop ------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until a stop signal; returns the exit code."""
+        while True:
+            select.select([self._wake_r], [], [], 1.0)
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 512)
+            while self._signals:
+                signum = self._signals.popleft()
+                name = signal.Signals(signum).name[3:].lower()
+                if name in ("term", "int"):
+                    return self.stop()
+                getattr(self, f"handle_{name}")()
+
+    def request_stop(self) -> None:
+        """Ask the main loop to stop, as SIGTERM would (for tests and embedding)."""
+        self._on_signal(signal.SIGTERM, None)
+
+    def handle_hup(self) -> None:
+        """Reload: re-read the config, apply what can change at run time, reopen logs."""
+        try:
+            new = reload(self.settings, self._overrides)
+        except ConfigError as exc:
+            for err in exc.errors:
+                log.error("reload rejected: %s", err)
+            log.error("reload rejected; keeping the running configuration")
+            return
+        old = self.settings
+        if new.server.listen != old.server.listen or new.db_url() != old.db_url():
+            log.warning("listen address and database changes need a restart; kept the "
+                        "running ones")
+        setup_logging(new.log)
+        limits = new.policy_limits()
+        self.engine.set_limits(limits)
+        self.cache.reconfigure(new.calendar(), limits.default_quota)
+        self.cache.max_entries = new.cache.max_entries
+        self.cache.idle_ttl = new.cache.idle_ttl
+        assert self.flusher is not None and self.server is not None
+        self.flusher.interval = new.cache.flush_interval
+        self.server.allowed = AccessList(parse_networks(new.server.allowed_hosts))
+        self.server.max_connections = new.server.max_connections
+        self.server.idle_timeout = new.server.idle_timeout
+        self.server.request_timeout = new.server.request_timeout
+        self.settings = new
+        log.info("configuration reloaded: period %s, default quota %d, key %s",
+                 limits.period.value, limits.default_quota, limits.key_type)
+
+    def handle_usr1(self) -> None:
+        """Dump the cache and statistics to the log."""
+        for line in self.status_lines():
+            log.info("%s", line)
+
+    def status_lines(self) -> list[str]:
+        from ratelimit_policyd.status import render_status
+
+        return render_status(self)
+
+    # -- stop -----------------------------------------------------------------------
+
+    def stop(self) -> int:
+        """Graceful stop: stop accepting, answer in-flight requests, final flush."""
+        sd_notify("STOPPING=1")
+        log.info("stopping: no new connections; answering requests in flight")
+        assert self.server is not None and self.flusher is not None
+        timeout = self.settings.cache.shutdown_timeout
+        self.server.shutdown()
+        self.server.server_close()
+        left = self.server.drain(min(5.0, timeout / 2))
+        if left:
+            log.warning("%d connections still open at stop", left)
+        ok = self.flusher.close(timeout / 2)
+        if not ok:
+            self._write_spool()
+        if self.storage is not None:
+            self.storage.close()
+        log.info("stopped")
+        return 0
+
+    # -- spool: counts that could not be written at stop ----------------------------
+
+    def _spool_path(self) -> Path:
+        return self.settings.state_dir() / SPOOL_NAME
+
+    def _write_spool(self) -> None:
+        """The database is down at stop: keep the counts on disk for the next start."""
+        batch = self.cache.drain()
+        if not batch.deltas:
+            return
+        path = self._spool_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as f:
+                for d in batch.deltas:
+                    f.write(json.dumps({"sender": d.sender, "n": d.n, "expiry": d.expiry}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            log.error("could not write %d pending counts to %s (%s); they are lost: %s",
+                      sum(d.n for d in batch.deltas), path, exc,
+                      ", ".join(f"{d.sender}+{d.n}" for d in batch.deltas[:50]))
+            return
+        log.warning("database unreachable at stop: %d pending counts of %d keys saved to %s; "
+                    "they are written at the next start", sum(d.n for d in batch.deltas),
+                    len(batch.deltas), path)
+
+    def _replay_spool(self) -> None:
+        path = self._spool_path()
+        if not path.exists():
+            return
+        deltas: list[Delta] = []
+        try:
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    d = json.loads(line)
+                    deltas.append(Delta(str(d["sender"]), int(d["n"]), int(d["expiry"])))
+        except (OSError, ValueError, KeyError) as exc:
+            log.error("cannot read spooled counts from %s: %s (left in place)", path, exc)
+            return
+        self.cache.add_rolled(deltas)
+        path.rename(path.with_suffix(".replayed"))
+        log.info("replaying %d spooled counts of %d keys from the last stop",
+                 sum(d.n for d in deltas), len(deltas))

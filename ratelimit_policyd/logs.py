@@ -1,0 +1,94 @@
+"""Logging setup: a log file (or stderr) and optionally syslog, facility mail.
+
+The per-request decision line keeps the Perl daemon's text so existing log parsers
+(fail2ban filters, reports) keep working. The file handler notices logrotate's rename
+and reopens by itself, so rotation needs neither a restart nor a signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import socket
+import sys
+import time
+from typing import Final
+
+from ratelimit_policyd.config import LogSettings
+
+DECISIONS: Final = "ratelimit_policyd.decisions"
+_FACILITIES: Final = {
+    "mail": logging.handlers.SysLogHandler.LOG_MAIL,
+    "daemon": logging.handlers.SysLogHandler.LOG_DAEMON,
+    "user": logging.handlers.SysLogHandler.LOG_USER,
+    **{f"local{i}": getattr(logging.handlers.SysLogHandler, f"LOG_LOCAL{i}") for i in range(8)},
+}
+
+
+class LineFormatter(logging.Formatter):
+    """``<ctime> <message>`` for decisions (the Perl daemon's lines), level and source
+    added for everything else. The timestamp is formatted once per second, not per line:
+    this runs for every request."""
+
+    def __init__(self, with_time: bool = True) -> None:
+        super().__init__()
+        self._with_time = with_time
+        self._second = -1
+        self._stamp = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.name != DECISIONS:
+            msg = f"{record.levelname} {record.name}: {msg}"
+            if record.exc_info:
+                msg = f"{msg}\n{self.formatException(record.exc_info)}"
+        if not self._with_time:
+            return msg
+        sec = int(record.created)
+        if sec != self._second:
+            # Perl's scalar localtime(), e.g. "Tue Nov 24 05:47:09 2026".
+            self._stamp = time.strftime("%a %b %e %H:%M:%S %Y", time.localtime(sec))
+            self._second = sec
+        return f"{self._stamp} {msg}"
+
+
+class _Syslog(logging.handlers.SysLogHandler):
+    """SysLogHandler that prefixes ``ident[pid]: `` like openlog(3) with LOG_PID."""
+
+    def __init__(self, address: str, facility: int, ident: str) -> None:
+        super().__init__(address=address, facility=facility, socktype=socket.SOCK_DGRAM)
+        self.ident = f"{ident}[{os.getpid()}]: "
+
+
+def setup_logging(settings: LogSettings) -> list[logging.Handler]:
+    """(Re)configure the root logger from ``settings``; returns the handlers installed.
+
+    Called again on reload: the old handlers are closed and replaced.
+    """
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    handlers: list[logging.Handler] = []
+    if settings.file == "-":
+        handlers.append(logging.StreamHandler(sys.stderr))
+    elif settings.file:
+        handlers.append(logging.handlers.WatchedFileHandler(settings.file, encoding="utf-8"))
+    for h in handlers:
+        h.setFormatter(LineFormatter())
+    if settings.syslog:
+        try:
+            sh = _Syslog(settings.syslog_address, _FACILITIES[settings.syslog_facility],
+                         settings.syslog_ident)
+        except OSError as exc:
+            logging.getLogger(__name__).warning("syslog at %s unavailable: %s",
+                                                settings.syslog_address, exc)
+        else:
+            sh.setFormatter(LineFormatter(with_time=False))
+            handlers.append(sh)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(settings.level.upper())
+    logging.getLogger(DECISIONS).setLevel(logging.INFO if settings.decisions else logging.WARNING)
+    return handlers

@@ -1,0 +1,59 @@
+"""Value objects shared by every layer.
+
+Pure data: no I/O, no locks. ``storage`` sees only this module; ``codec``, ``policy``,
+``window`` and ``cache`` import only the standard library and each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+#: Longest key the Perl daemon's table can hold (``sender VARCHAR(255)``).
+MAX_KEY_LENGTH: Final = 255
+
+
+class Period(StrEnum):
+    """Length of the counting window; windows are aligned to the calendar."""
+
+    HOURLY = "hourly"
+    DAILY = "daily"
+    WEEKLY = "weekly"
+    MONTHLY = "monthly"
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One row of the quota table as the database holds it.
+
+    ``expiry`` is the Unix time at which ``used`` restarts at 0 (0 when the Perl
+    daemon left it NULL). ``persist`` keeps ``quota`` across resets.
+    """
+
+    sender: str
+    quota: int
+    used: int
+    expiry: int
+    persist: bool
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Delta:
+    """Counts to add to one key, all made inside the window ending at ``expiry``.
+
+    Applied by the storage as one atomic upsert:
+
+    * no row: insert ``(sender, quota=default_quota, used=n, expiry)``;
+    * row whose ``expiry`` is older than this one (its window ended before these
+      counts were made): reset ``used = n``, ``expiry = expiry``, and
+      ``quota = default_quota`` unless ``persist``;
+    * otherwise: ``used = used + n`` (never an absolute value read earlier).
+
+    ``expiry`` of the row only ever moves forward, so a reset happens once even when
+    several daemons share the table.
+    """
+
+    sender: str
+    n: int
+    expiry: int

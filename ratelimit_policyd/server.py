@@ -1,0 +1,205 @@
+"""The policy port: a ThreadingTCPServer speaking Postfix's policy delegation protocol.
+
+One thread per Postfix connection; each connection carries many requests, one at a
+time. Bytes go through the sans-I/O ``codec``; decisions come from the ``Engine``.
+Connections stay open as long as Postfix keeps them (it closes idle ones itself after
+``smtpd_policy_service_max_idle``); bad input closes only the offending connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+import socketserver
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ratelimit_policyd.codec import PolicyDecoder, ProtocolError
+
+log = logging.getLogger(__name__)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port). ValueError when malformed."""
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host or not port_s.isdigit():
+        raise ValueError(f"expected HOST:PORT or [IPV6]:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address needs brackets: [{host}]:{port_s}")
+    port = int(port_s)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range: {port}")
+    return host, port
+
+
+def parse_networks(items: Iterable[str]) -> list[Network]:
+    """Addresses or networks (``127.0.0.1``, ``10.0.0.0/8``, ``::1``)."""
+    return [ipaddress.ip_network(item.strip(), strict=False) for item in items]
+
+
+class AccessList:
+    """Which client addresses may use the policy port; results cached per address."""
+
+    def __init__(self, networks: list[Network]) -> None:
+        self.networks = networks
+        self._seen: dict[str, bool] = {}
+
+    def allows(self, address: str) -> bool:
+        ok = self._seen.get(address)
+        if ok is None:
+            try:
+                ip = ipaddress.ip_address(address.split("%", 1)[0])
+            except ValueError:
+                return False
+            mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a v6 socket
+            ok = any(ip in net or (mapped is not None and mapped in net)
+                     for net in self.networks)
+            if len(self._seen) < 10_000:
+                self._seen[address] = ok
+        return ok
+
+
+class PolicyHandler(socketserver.BaseRequestHandler):
+    """Serves one Postfix connection until it closes, goes idle too long, or misbehaves."""
+
+    server: PolicyServer
+
+    def handle(self) -> None:
+        srv = self.server
+        sock: socket.socket = self.request
+        peer = self.client_address[0]
+        handle = srv.handle_request_attrs
+        decoder = PolicyDecoder(max_request_bytes=srv.max_request_bytes)
+        recv = sock.recv
+        idle_timeout = srv.idle_timeout
+        request_timeout = srv.request_timeout
+        sock.settimeout(idle_timeout)
+        mid_request = False
+        while True:
+            try:
+                data = recv(65536)
+            except TimeoutError:
+                if mid_request:
+                    log.warning("client %s sent an incomplete request and then nothing for "
+                                "%.0f s; closing", peer, request_timeout)
+                else:
+                    log.info("client %s idle for %.0f s; closing", peer, idle_timeout)
+                return
+            except OSError:
+                return
+            if not data:
+                if mid_request:
+                    log.warning("client %s closed the connection in the middle of a request",
+                                peer)
+                return
+            try:
+                requests = decoder.feed(data)
+            except ProtocolError as exc:
+                log.warning("client %s: %s; closing the connection", peer, exc)
+                return
+            if requests:
+                # Postfix sends one request at a time; a pipelining client gets its
+                # replies in order, in one write.
+                if len(requests) == 1:
+                    out = handle(requests[0])
+                else:
+                    out = b"".join([handle(r) for r in requests])
+                try:
+                    sock.sendall(out)
+                except OSError:
+                    return
+            now_mid = decoder.pending > 0
+            if now_mid != mid_request:
+                mid_request = now_mid
+                sock.settimeout(request_timeout if mid_request else idle_timeout)
+
+
+class PolicyServer(socketserver.ThreadingTCPServer):
+    """Threaded policy server; tracks its connections so a stop can drain them."""
+
+    allow_reuse_address = True
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 1024
+
+    def __init__(self, address: tuple[str, int], handle: Callable[[dict[str, str]], bytes], *,
+                 allowed: AccessList, max_connections: int = 1000,
+                 max_request_bytes: int = 64 * 1024, idle_timeout: float = 600.0,
+                 request_timeout: float = 30.0, bind_and_activate: bool = True) -> None:
+        host = address[0]
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.handle_request_attrs = handle
+        self.allowed = allowed
+        self.max_connections = max_connections
+        self.max_request_bytes = max_request_bytes
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self._conn_lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self.stopping = False
+        self.connections_total = 0
+        self.rejected_total = 0
+        super().__init__(address, PolicyHandler, bind_and_activate)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        addr = client_address[0]
+        if not self.allowed.allows(addr):
+            self.rejected_total += 1
+            log.warning("client %s not in allowed_hosts; connection closed", addr)
+            return False
+        if len(self._conns) >= self.max_connections:
+            self.rejected_total += 1
+            log.warning("client %s refused: %d connections open (max_connections)", addr,
+                        len(self._conns))
+            return False
+        return True
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conn_lock:
+            self._conns.add(request)
+            self.connections_total += 1
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            with self._conn_lock:
+                self._conns.discard(request)
+            raise
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conn_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def drain(self, timeout: float) -> int:
+        """After ``shutdown()``: end every connection once its current request is answered.
+
+        Shutting down only the read side makes an idle handler's ``recv`` return EOF,
+        while a handler that is deciding a request can still send its reply.
+        Returns the number of connections still open at the deadline.
+        """
+        self.stopping = True
+        with self._conn_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RD)
+        deadline = threading.Event()
+        waited = 0.0
+        while self._conns and waited < timeout:
+            deadline.wait(0.05)
+            waited += 0.05
+        return len(self._conns)

@@ -1,0 +1,82 @@
+"""The storage contract every backend implements.
+
+Backends own their SQL text and paramstyle; callers see only ``model`` values. Every
+method may be called from any thread: a backend guards its own connections (a pool or
+a lock of its own), never the quota cache's lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ratelimit_policyd.model import Delta, Row
+
+
+class StorageError(Exception):
+    """Any failure of the database: unreachable, timed out, refused a statement.
+
+    ``transient`` is True when retrying later may succeed (connection lost, lock wait
+    timeout, deadlock, server gone); False for an error that the same input will hit
+    again (data too long, missing table or column, access denied).
+    """
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+@dataclass(frozen=True, slots=True)
+class TableNames:
+    """Table and column names, configurable as in the Perl daemon's config section.
+
+    Names are validated by ``config`` (``[A-Za-z_][A-Za-z0-9_]*``) before they reach a
+    backend, which then quotes them; values always travel as query parameters.
+    """
+
+    table: str = "ratelimit"
+    sender: str = "sender"
+    quota: str = "quota"
+    used: str = "used"
+    expiry: str = "expiry"
+    persist: str = "persist"
+    updated: str = "updated"
+
+
+class Storage(Protocol):
+    """What the daemon and the admin commands need from a database."""
+
+    def init_schema(self) -> None:
+        """Create the table (and view, where the dialect has one) if absent."""
+
+    def check_schema(self) -> None:
+        """Raise StorageError(transient=False) naming what is missing or wrong."""
+
+    def load(self, senders: Sequence[str]) -> dict[str, Row]:
+        """Rows for these senders; absent senders are absent from the result."""
+
+    def apply(self, deltas: Sequence[Delta], default_quota: int) -> dict[str, Row]:
+        """Apply the deltas atomically (see ``model.Delta``); return the rows after.
+
+        One transaction per chunk; rows locked in sorted sender order so that several
+        daemons on one database cannot deadlock each other. A delta that fails on its
+        own (data error) is dropped with a logged error and not returned, so that one
+        bad key cannot block the others forever; a transient failure raises
+        StorageError and nothing of that chunk is applied.
+        """
+
+    def iter_rows(self) -> Iterable[Row]:
+        """Every row, for the admin ``list`` command."""
+
+    def set_quota(self, sender: str, quota: int, persist: bool | None, expiry: int) -> Row:
+        """Set a key's quota (insert with ``used = 0`` and ``expiry`` if absent)."""
+
+    def reset(self, sender: str) -> Row | None:
+        """Set ``used = 0``; None when the key has no row."""
+
+    def delete(self, sender: str) -> bool:
+        """Remove a key's row; False when it had none."""
+
+    def close(self) -> None:
+        """Release connections."""

@@ -1,0 +1,671 @@
+"""MySQL / MariaDB backend: PyMySQL connections in a DBUtils ``PooledDB``.
+
+Works on the Perl daemon's table with only its grants (SELECT, INSERT, UPDATE, DELETE),
+shared by several daemons: every count is one atomic upsert, never a value read earlier.
+Imported only when a ``mysql://`` URL is configured. Sees only ``model`` and ``base``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from enum import Enum
+from typing import Any, Final, Protocol, TypeVar
+
+import pymysql
+from dbutils.pooled_db import PooledDB, PooledDBError
+from pymysql.constants import CLIENT
+
+from ratelimit_policyd.model import Delta, Row
+from ratelimit_policyd.storage.base import StorageError, TableNames
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Rows per multi-row statement and per IN list (a few hundred kB of SQL at most).
+CHUNK: Final = 1000
+#: Attempts of a whole apply() when InnoDB picks it as a deadlock victim or a lock
+#: wait times out (another daemon holds the rows); then StorageError(transient=True).
+TX_ATTEMPTS: Final = 3
+#: After the server was found unreachable, calls fail at once for this long, and then
+#: one call at a time probes it (see _Breaker).
+PROBE_INTERVAL: Final = 1.0
+
+# MySQL / MariaDB error numbers, by what the caller can do about them.
+_CONNECTION_ERRORS: Final = frozenset(
+    {0, 2002, 2003, 2006, 2013, 2014, 2055, 1053, 1927}  # refused, gone, lost, shutdown
+)
+_RETRY_ERRORS: Final = frozenset({1205, 1213, 1020, 1412})  # lock wait, deadlock, ...
+_DATA_ERRORS: Final = frozenset(
+    # null, duplicate, out of range, truncated, bad date, bad string, too long, CHECK
+    {1048, 1062, 1264, 1265, 1292, 1300, 1366, 1367, 1406, 1690, 3819, 4025}
+)
+_PERMANENT_ERRORS: Final = frozenset(
+    # access denied, unknown db/column/table, syntax, command denied, bad view
+    {1044, 1045, 1049, 1054, 1064, 1109, 1142, 1143, 1146, 1227, 1356, 1370, 1698}
+)
+
+
+class _Kind(Enum):
+    CONNECTION = "connection"  # server unreachable or connection lost: transient
+    RETRY = "retry"  # deadlock / lock wait: retry the transaction now
+    DATA = "data"  # this value is refused: drop it, the rest goes on
+    PERMANENT = "permanent"  # schema or grants: transient=False
+    OTHER = "other"  # anything else: transient, the counts wait in memory
+
+
+def _classify(exc: BaseException) -> _Kind:
+    if isinstance(exc, pymysql.err.InterfaceError | OSError):
+        return _Kind.CONNECTION
+    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+    if code in _CONNECTION_ERRORS:
+        return _Kind.CONNECTION
+    if code in _RETRY_ERRORS:
+        return _Kind.RETRY
+    if code in _DATA_ERRORS:
+        return _Kind.DATA
+    if code in _PERMANENT_ERRORS:
+        return _Kind.PERMANENT
+    return _Kind.OTHER
+
+
+def _describe(exc: BaseException) -> str:
+    if len(exc.args) == 2 and isinstance(exc.args[0], int):
+        return f"MySQL error {exc.args[0]}: {exc.args[1]}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+_DRIVER_ERRORS: Final = (pymysql.err.Error, PooledDBError, OSError)
+
+
+class _FailFast(Exception):
+    """Raised inside the pool instead of dialling while the breaker is open."""
+
+
+class _Breaker:
+    """Fail fast while the server is unreachable, letting one call at a time probe it.
+
+    DBUtils pings and connects while holding the pool's lock, so against a server that
+    does not answer, every waiting thread would pay a full timeout in turn. Once one
+    call has found the server unreachable, others fail at once (the cache answers from
+    memory), and every PROBE_INTERVAL a single call tries the server again.
+    """
+
+    def __init__(self, interval: float = PROBE_INTERVAL) -> None:
+        self._lock = threading.Lock()
+        self._interval = interval
+        self._down_until: float | None = None
+        self._probing = False
+        self._reason = ""
+        self._local = threading.local()
+
+    def enter(self) -> None:
+        """Before a call: return to go on, or raise StorageError to fail fast."""
+        with self._lock:
+            self._local.probe = False
+            if self._down_until is None:
+                return
+            if self._probing or time.monotonic() < self._down_until:
+                raise StorageError(f"database unreachable: {self._reason}", transient=True)
+            self._probing = True
+            self._local.probe = True
+
+    def leave(self, reachable: bool | None, reason: str = "") -> None:
+        """After a call: whether it reached the server (None: it did not find out)."""
+        with self._lock:
+            if getattr(self._local, "probe", False):
+                self._probing = False
+                self._local.probe = False
+            if reachable:
+                self._down_until = None
+            elif reachable is not None:
+                self._down_until = time.monotonic() + self._interval
+                self._reason = reason
+
+    def holds_back(self) -> bool:
+        """True when this thread must not do network I/O now (open, and not the probe)."""
+        return self._down_until is not None and not getattr(self._local, "probe", False)
+
+
+class _Connector:
+    """DBUtils creator: ``pymysql.connect`` that refuses to dial while held back."""
+
+    dbapi = pymysql
+    threadsafety = 1
+
+    def __init__(self, breaker: _Breaker, kwargs: dict[str, Any]) -> None:
+        self._breaker = breaker
+        self._kwargs = kwargs
+
+    def __call__(self) -> pymysql.connections.Connection[Any]:
+        if self._breaker.holds_back():
+            raise _FailFast
+        return pymysql.connect(**self._kwargs)
+
+
+class _Cursor(Protocol):
+    rowcount: int
+
+    def execute(self, query: str, args: Sequence[object] = ...) -> int: ...
+
+    def fetchall(self) -> Sequence[tuple[Any, ...]]: ...
+
+    def close(self) -> None: ...
+
+
+def _q(name: str) -> str:
+    """Quote an identifier (names are validated by config; quoting is the second guard)."""
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _marks(count: int) -> str:
+    return ", ".join(["%s"] * count)
+
+
+def schema_ddl(names: TableNames = TableNames()) -> list[str]:  # noqa: B008 -- frozen
+    """The statements of sql/mysql/001_ratelimit.sql, for the configured names."""
+    t, s, p = _q(names.table), _q(names.sender), _q(names.persist)
+    q, u, e, upd = _q(names.quota), _q(names.used), _q(names.expiry), _q(names.updated)
+    return [
+        f"CREATE TABLE IF NOT EXISTS {t} ("
+        " `id` INT(11) NOT NULL AUTO_INCREMENT,"
+        f" {s} VARCHAR(255) CHARACTER SET 'utf8' COLLATE 'utf8_bin' NOT NULL"
+        " COMMENT 'sender address (SASL username)',"
+        f" {p} TINYINT(1) NOT NULL DEFAULT '0'"
+        " COMMENT 'Do not reset the given quota to the default value after expiry reached.',"
+        f" {q} INT(10) UNSIGNED NOT NULL DEFAULT '0'"
+        " COMMENT 'hourly|daily|weekly|monthly recipient quota limit',"
+        f" {u} INT(10) UNSIGNED NOT NULL DEFAULT '0' COMMENT 'current recipient counter',"
+        f" {upd} TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP"
+        " COMMENT 'when used counter was last updated',"
+        f" {e} INT(10) UNSIGNED DEFAULT NULL"
+        " COMMENT 'expiry (Unix-timestamp) after which the counter gets reset',"
+        f" PRIMARY KEY (`id`), UNIQUE INDEX `idx_sender` ({s} ASC)"
+        ") ENGINE = InnoDB DEFAULT CHARACTER SET = utf8",
+        f"CREATE OR REPLACE VIEW {_q('view_' + names.table)} AS"
+        f" SELECT `id`, {s}, {p}, {q}, {u}, {upd}, FROM_UNIXTIME({e}) AS {e} FROM {t}",
+    ]
+
+
+class MySQLStorage:
+    """``Storage`` on MySQL / MariaDB; see ``storage.base.Storage`` for the contract.
+
+    A call on a dead server returns StorageError within about connect_timeout +
+    read_timeout (one ping and one reconnect attempt), and at once while another call
+    has just found the server unreachable (see _Breaker).
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        user: str,
+        password: str,
+        database: str,
+        unix_socket: str | None = None,
+        charset: str = "utf8mb4",
+        names: TableNames = TableNames(),  # noqa: B008 -- frozen
+        pool_size: int = 8,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 5.0,
+    ) -> None:
+        if pymysql.charset.charset_by_name(charset) is None:
+            raise ValueError(f"unknown MySQL charset {charset!r}")
+        self.names = names
+        self.database = database
+        self.where = f"{database} on {unix_socket or f'{host}:{port}'}"
+        self._breaker = _Breaker()
+        self._autoinc: str | bool | None = False  # False: not looked up yet
+        self._closed = False
+        connector = _Connector(
+            self._breaker,
+            {
+                "host": host,
+                "port": port,
+                "user": user,
+                "password": password,
+                "database": database,
+                "unix_socket": unix_socket,
+                "charset": charset,
+                "connect_timeout": connect_timeout,
+                "read_timeout": read_timeout,
+                "write_timeout": read_timeout,
+                "autocommit": False,
+                # rowcount of UPDATE = rows matched, not rows changed: reset() of a row
+                # already at 0 still finds it.
+                "client_flag": CLIENT.FOUND_ROWS,
+            },
+        )
+        # A lock wait must give up before the client's read timeout does, so that the
+        # error is a clean "lock wait timeout" (retried) rather than a lost connection.
+        lock_wait = max(1, int(read_timeout / 2))
+        self._pool = PooledDB(
+            creator=connector,
+            mincached=0,  # connect on first use: the daemon starts while the DB is down
+            maxcached=pool_size,
+            maxshared=0,  # PyMySQL connections are not thread-safe: never shared
+            maxconnections=pool_size,
+            blocking=True,
+            reset=False,  # every call ends its own transaction (see _run)
+            ping=(1, self._ping),
+            isfatal=lambda _error: False,  # no silent re-execution: _run decides
+            setsession=[
+                # READ COMMITTED: SELECT ... FOR UPDATE locks the rows it finds and no
+                # gaps, so daemons inserting new keys do not deadlock on gap locks.
+                "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                # Strict mode, whatever the server's default: a key too long for the
+                # column is an error (dropped and logged), never silently truncated
+                # into another key.
+                "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'",
+                f"SET SESSION innodb_lock_wait_timeout = {lock_wait}",
+            ],
+        )
+        self._build_sql()
+
+    def _build_sql(self) -> None:
+        n = self.names
+        t, s, p = _q(n.table), _q(n.sender), _q(n.persist)
+        q, u, e, upd = _q(n.quota), _q(n.used), _q(n.expiry), _q(n.updated)
+        self._t, self._s = t, s
+        self._cols = f"{s}, {q}, {u}, {e}, {p}"
+        # MySQL evaluates single-table SET assignments left to right, each seeing the
+        # values assigned before it: expiry must be assigned last, or the other two
+        # would compare against the new expiry. COALESCE: the Perl daemon's rows may
+        # hold a NULL expiry, which counts as expired.
+        reset = f"COALESCE({e}, 0) < VALUES({e})"
+        self._upsert_tail = (
+            " ON DUPLICATE KEY UPDATE"
+            f" {u} = IF({reset}, VALUES({u}), {u} + VALUES({u})),"
+            f" {q} = IF({reset} AND COALESCE({p}, 0) = 0, VALUES({q}), {q}),"
+            f" {upd} = NOW(),"
+            f" {e} = GREATEST(COALESCE({e}, 0), VALUES({e}))"
+        )
+        self._upsert_head = f"INSERT INTO {t} ({s}, {q}, {u}, {e}) VALUES "
+        self._select = f"SELECT {self._cols} FROM {t} WHERE {s} IN "
+        self._select_all = f"SELECT {self._cols} FROM {t} ORDER BY {s}"
+        self._update_quota = f"UPDATE {t} SET {q} = %s, {p} = COALESCE(%s, {p}) WHERE {s} = %s"
+        self._insert_quota = (
+            f"INSERT INTO {t} ({s}, {q}, {u}, {e}, {p}) VALUES (%s, %s, 0, %s, %s)"
+            f" ON DUPLICATE KEY UPDATE {q} = VALUES({q}), {p} = COALESCE(%s, {p})"
+        )
+        self._reset = f"UPDATE {t} SET {u} = 0, {upd} = NOW() WHERE {s} = %s"
+        self._delete = f"DELETE FROM {t} WHERE {s} = %s"
+
+    # -- schema ---------------------------------------------------------------------
+
+    def init_schema(self) -> None:
+        """Create the table and view (needs CREATE and CREATE VIEW, unlike the daemon)."""
+
+        def create(cur: _Cursor) -> None:
+            for statement in schema_ddl(self.names):
+                cur.execute(statement)
+
+        self._run("create the schema", create)
+        self._autoinc = False
+
+    def check_schema(self) -> None:
+        """Verify the table, its columns, the UNIQUE key on the sender and the grants."""
+        self._run("check the schema", self._check_schema)
+
+    def _check_schema(self, cur: _Cursor) -> None:
+        n = self.names
+        cur.execute(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS"
+            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s",
+            (n.table,),
+        )
+        columns = {str(r[0]) for r in cur.fetchall()}
+        if not columns:
+            raise StorageError(
+                f"table {n.table} not found in database {self.where} (or not readable by"
+                " this user): run `ratelimit-policyd init-db` or apply"
+                " sql/mysql/001_ratelimit.sql",
+                transient=False,
+            )
+        wanted = (n.sender, n.quota, n.used, n.expiry, n.persist, n.updated)
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            raise StorageError(
+                f"table {n.table} in {self.where} lacks column(s) {', '.join(missing)}"
+                " (compare with sql/mysql/001_ratelimit.sql and the configured names)",
+                transient=False,
+            )
+        cur.execute(
+            "SELECT INDEX_NAME, COLUMN_NAME FROM information_schema.STATISTICS"
+            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s AND NON_UNIQUE = 0"
+            " ORDER BY INDEX_NAME, SEQ_IN_INDEX",
+            (n.table,),
+        )
+        indexes: dict[str, list[str]] = {}
+        for index, column in cur.fetchall():
+            indexes.setdefault(str(index), []).append(str(column))
+        if [n.sender] not in indexes.values():
+            raise StorageError(
+                f"column {n.sender} of table {n.table} in {self.where} has no UNIQUE index,"
+                " which the atomic upsert needs: ALTER TABLE"
+                f" {n.table} ADD UNIQUE INDEX idx_sender ({n.sender})",
+                transient=False,
+            )
+        # The four grants of the Perl daemon, tried with statements that touch no row.
+        t, s, u = self._t, self._s, _q(n.used)
+        probes = [
+            ("SELECT", f"SELECT {self._cols} FROM {t} WHERE 1 = 0"),
+            ("INSERT", f"INSERT INTO {t} ({s}) SELECT {s} FROM {t} WHERE 1 = 0"),
+            ("UPDATE", f"UPDATE {t} SET {u} = {u} WHERE 1 = 0"),
+            ("DELETE", f"DELETE FROM {t} WHERE 1 = 0"),
+        ]
+        for grant, sql in probes:
+            try:
+                cur.execute(sql)
+            except pymysql.err.Error as exc:
+                if _classify(exc) is not _Kind.PERMANENT:
+                    raise
+                raise StorageError(
+                    f"the database user may not {grant} on {n.table} in {self.where}"
+                    f" ({_describe(exc)}): GRANT SELECT, INSERT, UPDATE, DELETE ON"
+                    f" {self.database}.* TO the daemon's user",
+                    transient=False,
+                ) from exc
+
+    # -- the daemon's operations -----------------------------------------------------
+
+    def load(self, senders: Sequence[str]) -> dict[str, Row]:
+        unique = sorted(set(senders))
+        if not unique:
+            return {}
+
+        def select(cur: _Cursor) -> dict[str, Row]:
+            rows: dict[str, Row] = {}
+            for start in range(0, len(unique), CHUNK):
+                rows.update(self._select_rows(cur, unique[start : start + CHUNK]))
+            return rows
+
+        return self._run("load rows", select)
+
+    def apply(self, deltas: Sequence[Delta], default_quota: int) -> dict[str, Row]:
+        """See ``Storage.apply``. All deltas of the call commit in one transaction.
+
+        In sender order (stable: several deltas of one sender keep their order), the
+        rows that exist are locked (SELECT ... FOR UPDATE), then updated by multi-row
+        ``INSERT ... ON DUPLICATE KEY UPDATE`` statements, each sender at most once per
+        statement. Existing rows are addressed by their AUTO_INCREMENT id: an upsert by
+        sender alone would consume an id on every flush and exhaust the Perl table's
+        INT id within weeks on a busy server. A statement the table refuses (key too
+        long, invalid UTF-8 for the column, value out of range) is re-run row by row;
+        only the refused deltas are dropped and logged, their senders left out of the
+        result. Deadlocks and lock wait timeouts retry the whole call.
+        """
+        if not deltas:
+            return {}
+        ordered = sorted(deltas, key=lambda d: d.sender)
+        return self._run(
+            "apply counts",
+            lambda cur: self._apply(cur, ordered, default_quota),
+            write=True,
+            attempts=TX_ATTEMPTS,
+        )
+
+    def _apply(self, cur: _Cursor, ordered: list[Delta], default_quota: int) -> dict[str, Row]:
+        senders = sorted({d.sender for d in ordered})
+        ids: dict[str, int] = {}
+        autoinc = self._autoinc_column(cur)
+        if autoinc is not None:
+            lock = f"SELECT {_q(autoinc)}, {self._s} FROM {self._t} WHERE {self._s} IN "
+            for start in range(0, len(senders), CHUNK):
+                chunk = senders[start : start + CHUNK]
+                cur.execute(lock + "(" + _marks(len(chunk)) + ") FOR UPDATE", chunk)
+                ids.update((str(sender), int(key)) for key, sender in cur.fetchall())
+        dropped: set[str] = set()
+        for wave in _waves(ordered):
+            known = [d for d in wave if d.sender in ids]
+            new = [d for d in wave if d.sender not in ids]
+            for start in range(0, len(known), CHUNK):
+                self._upsert(cur, known[start : start + CHUNK], default_quota, ids, dropped)
+            for start in range(0, len(new), CHUNK):
+                self._upsert(cur, new[start : start + CHUNK], default_quota, None, dropped)
+        wanted = [s for s in senders if s not in dropped]
+        rows: dict[str, Row] = {}
+        for start in range(0, len(wanted), CHUNK):
+            rows.update(self._select_rows(cur, wanted[start : start + CHUNK]))
+        return rows
+
+    def _upsert(
+        self,
+        cur: _Cursor,
+        deltas: Sequence[Delta],
+        default_quota: int,
+        ids: dict[str, int] | None,
+        dropped: set[str],
+    ) -> None:
+        """One multi-row upsert; on a data error, the same deltas one by one."""
+        try:
+            cur.execute(*self._upsert_sql(deltas, default_quota, ids))
+            return
+        except pymysql.err.Error as exc:
+            if _classify(exc) is not _Kind.DATA:
+                raise
+            if len(deltas) == 1:
+                _log_dropped(deltas[0], exc)
+                dropped.add(deltas[0].sender)
+                return
+        # InnoDB undid only the failed statement; the transaction goes on.
+        for delta in deltas:
+            try:
+                cur.execute(*self._upsert_sql([delta], default_quota, ids))
+            except pymysql.err.Error as exc:
+                if _classify(exc) is not _Kind.DATA:
+                    raise
+                _log_dropped(delta, exc)
+                dropped.add(delta.sender)
+
+    def _upsert_sql(
+        self, deltas: Sequence[Delta], default_quota: int, ids: dict[str, int] | None
+    ) -> tuple[str, list[object]]:
+        # The VALUES list is built here rather than left to executemany(), whose
+        # rewriting into one statement depends on matching the SQL with a regex.
+        args: list[object] = []
+        if ids is None:
+            head = self._upsert_head
+            for d in deltas:
+                args += (d.sender, default_quota, d.n, d.expiry)
+            width = 4
+        else:
+            # ids only exist when the AUTO_INCREMENT column was found.
+            assert isinstance(self._autoinc, str)
+            head = self._upsert_head.replace(
+                f"INSERT INTO {self._t} (", f"INSERT INTO {self._t} ({_q(self._autoinc)}, ", 1
+            )
+            for d in deltas:
+                args += (ids[d.sender], d.sender, default_quota, d.n, d.expiry)
+            width = 5
+        values = ", ".join(["(" + _marks(width) + ")"] * len(deltas))
+        return head + values + self._upsert_tail, args
+
+    def _autoinc_column(self, cur: _Cursor) -> str | None:
+        """The table's AUTO_INCREMENT column (``id`` in the Perl table), looked up once."""
+        if self._autoinc is False:
+            cur.execute(
+                "SELECT COLUMN_NAME FROM information_schema.COLUMNS"
+                " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s"
+                " AND EXTRA LIKE %s",
+                (self.names.table, "%auto_increment%"),
+            )
+            found = cur.fetchall()
+            self._autoinc = str(found[0][0]) if found else None
+        return self._autoinc if isinstance(self._autoinc, str) else None
+
+    # -- admin operations ------------------------------------------------------------
+
+    def iter_rows(self) -> list[Row]:
+        def select(cur: _Cursor) -> list[Row]:
+            cur.execute(self._select_all)
+            return [_row(r) for r in cur.fetchall()]
+
+        return self._run("list rows", select)
+
+    def set_quota(self, sender: str, quota: int, persist: bool | None, expiry: int) -> Row:
+        flag = None if persist is None else int(persist)
+
+        def update(cur: _Cursor) -> Row:
+            # UPDATE first: an upsert would consume an AUTO_INCREMENT id every time.
+            if cur.execute(self._update_quota, (quota, flag, sender)) == 0:
+                cur.execute(self._insert_quota, (sender, quota, expiry, flag or 0, flag))
+            return self._select_rows(cur, [sender])[sender]
+
+        return self._run(f"set the quota of {sender!r}", update, write=True)
+
+    def reset(self, sender: str) -> Row | None:
+        def update(cur: _Cursor) -> Row | None:
+            if cur.execute(self._reset, (sender,)) == 0:
+                return None
+            return self._select_rows(cur, [sender]).get(sender)
+
+        return self._run(f"reset {sender!r}", update, write=True)
+
+    def delete(self, sender: str) -> bool:
+        return self._run(
+            f"delete {sender!r}", lambda cur: cur.execute(self._delete, (sender,)) > 0, write=True
+        )
+
+    def close(self) -> None:
+        self._closed = True
+        self._pool.close()
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _select_rows(self, cur: _Cursor, senders: Sequence[str]) -> dict[str, Row]:
+        if not senders:
+            return {}
+        cur.execute(self._select + "(" + _marks(len(senders)) + ")", senders)
+        return {r.sender: r for r in map(_row, cur.fetchall())}
+
+    def _ping(self, con: pymysql.connections.Connection[Any]) -> bool:
+        """DBUtils' check of a connection taken from the pool."""
+        if self._breaker.holds_back():
+            # Skip the round trip: _run fails fast before using the connection.
+            return True
+        con.ping(reconnect=False)
+        return True
+
+    def _run(
+        self,
+        action: str,
+        work: Callable[[_Cursor], T],
+        *,
+        write: bool = False,
+        attempts: int = 1,
+    ) -> T:
+        """Run ``work`` in one transaction on a pooled connection; map every error.
+
+        Commits on success (reads too: it ends the snapshot and releases metadata
+        locks), rolls back on failure, and retries up to ``attempts`` times when InnoDB
+        chose this transaction as a deadlock victim or a lock wait timed out.
+        """
+        if self._closed:
+            raise StorageError(f"cannot {action}: storage is closed", transient=False)
+        for attempt in range(1, attempts + 1):
+            self._breaker.enter()
+            con: Any = None
+            reachable: bool | None = None
+            try:
+                con = self._pool.connection()
+                if self._breaker.holds_back():
+                    raise _FailFast
+                if write:
+                    con.begin()
+                cur = con.cursor()
+                try:
+                    result = work(cur)
+                finally:
+                    cur.close()
+                con.commit()
+                reachable = True
+                return result
+            except _FailFast:
+                raise StorageError(
+                    f"cannot {action}: database {self.where} unreachable", transient=True
+                ) from None
+            except StorageError:
+                reachable = True  # raised by work() from what the server said
+                _end(con, rollback=True)
+                raise
+            except _DRIVER_ERRORS as exc:
+                kind = _classify(exc)
+                reachable = kind is not _Kind.CONNECTION
+                # A lost connection is not rolled back (nothing to talk to; the server
+                # undoes the transaction itself), only marked finished for the pool.
+                _end(con, rollback=reachable)
+                if kind is _Kind.RETRY and attempt < attempts:
+                    log.info("%s: %s; retrying (%d/%d)", action, _describe(exc), attempt, attempts)
+                    # Random jitter, so that two daemons do not collide again in step.
+                    time.sleep(random.uniform(0.01, 0.05) * attempt)
+                    continue
+                raise StorageError(
+                    f"cannot {action} in {self.where}: {_describe(exc)}",
+                    transient=kind not in (_Kind.PERMANENT, _Kind.DATA),
+                ) from exc
+            finally:
+                self._breaker.leave(reachable, f"{action}: no answer from {self.where}")
+                if con is not None:
+                    try:
+                        con.close()  # back to the pool
+                    except _DRIVER_ERRORS:
+                        log.debug("returning a connection to the pool failed", exc_info=True)
+        raise AssertionError("unreachable")  # pragma: no cover -- the loop returns or raises
+
+
+def _end(con: Any, *, rollback: bool) -> None:
+    """Finish the connection's transaction before it goes back to the pool."""
+    if con is None:
+        return
+    try:
+        if rollback:
+            con.rollback()
+        else:
+            # DBUtils' cancel() only forgets the transaction, without a round trip.
+            con.cancel()
+    except _DRIVER_ERRORS:
+        log.debug("ending a failed transaction failed", exc_info=True)
+
+
+def _waves(ordered: Sequence[Delta]) -> list[list[Delta]]:
+    """Split sorted deltas so that each sender appears at most once per wave.
+
+    Wave k holds the k-th delta of every sender that has one; waves run in order,
+    so a sender's old-window delta is applied before its new-window one.
+    """
+    waves: list[list[Delta]] = []
+    seen: dict[str, int] = {}
+    for delta in ordered:
+        k = seen.get(delta.sender, 0)
+        seen[delta.sender] = k + 1
+        if k == len(waves):
+            waves.append([])
+        waves[k].append(delta)
+    return waves
+
+
+def _row(r: Sequence[Any]) -> Row:
+    sender, quota, used, expiry, persist = r
+    return Row(
+        sender=str(sender),
+        quota=int(quota or 0),
+        used=int(used or 0),
+        expiry=int(expiry or 0),  # NULL (rows of the Perl daemon) reads as 0: expired
+        persist=bool(persist),
+    )
+
+
+def _log_dropped(delta: Delta, exc: BaseException) -> None:
+    log.error(
+        "dropped %d recipient(s) for key %.300r (expiry %d): the database refused it: %s",
+        delta.n,
+        delta.sender,
+        delta.expiry,
+        _describe(exc),
+    )

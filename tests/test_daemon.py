@@ -1,0 +1,141 @@
+"""The installed command as a real process: start, signals, counts in the database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.policyclient import PolicyClient, free_port, request_bytes, wait_for_port
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class DaemonProc:
+    def __init__(self, tmp: Path, *extra: str, config: Path | None = None) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.db = tmp / "db.sqlite3"
+        self.log = tmp / "daemon.log"
+        args = [sys.executable, "-m", "ratelimit_policyd", "run",
+                "--listen", f"127.0.0.1:{self.port}", "--db", f"sqlite:///{self.db}",
+                "--log-file", str(self.log), "--state-dir", str(tmp / "state"), *extra]
+        if config is not None:
+            args += ["--config", str(config)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_for_port(self.port)
+        except OSError:
+            self.proc.kill()
+            _out, err = self.proc.communicate()
+            raise AssertionError(f"daemon did not start: {err.decode()}") from None
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        finally:
+            if self.proc.stdout:
+                self.proc.stdout.close()
+            if self.proc.stderr:
+                self.proc.stderr.close()
+
+    def used(self, key: str) -> int | None:
+        with sqlite3.connect(self.db) as con:
+            row = con.execute("SELECT used FROM ratelimit WHERE sender = ?", (key,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def wait_log(self, needle: str, timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log.read_text() if self.log.exists() else ""
+            if needle in text:
+                return text
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} not in log:\n{text}")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[DaemonProc]:
+    d = DaemonProc(tmp_path, "--default-quota", "3", "--flush-interval", "30")
+    yield d
+    d.stop()
+
+
+def test_sigterm_flushes_every_count(daemon: DaemonProc) -> None:
+    with PolicyClient(daemon.port) as c:
+        replies = [c.ask(request_bytes()) for _ in range(5)]
+    assert replies == ["DUNNO"] * 3 + ["471 daily message quota exceeded"] * 2
+    # The flush interval is 30 s: only the final flush at SIGTERM can have written these.
+    assert daemon.stop() == 0
+    assert daemon.used("alice@example.com") == 5
+
+
+def test_log_line_has_the_perl_format(daemon: DaemonProc) -> None:
+    with PolicyClient(daemon.port) as c:
+        c.ask(request_bytes(queue_id="ABC123", client_name="mx.example",
+                            client_address="192.0.2.7"))
+        for _ in range(3):
+            c.ask(request_bytes(queue_id="ABC123"))
+    text = daemon.wait_log("OVER_QUOTA")
+    assert ("ABC123: client=mx.example[192.0.2.7], sasl_method=PLAIN, "
+            "sasl_username=alice@example.com, recipient_count=1, curr_count=1/3, "
+            "status=INSERT") in text
+    assert "curr_count=2/3, status=UPDATE" in text
+    assert "curr_count=4/3, status=OVER_QUOTA" in text
+
+
+def test_usr1_dumps_the_cache(daemon: DaemonProc) -> None:
+    with PolicyClient(daemon.port) as c:
+        c.ask(request_bytes(sasl_username="dumped@example.com"))
+    daemon.signal(signal.SIGUSR1)
+    text = daemon.wait_log("stats: uptime")
+    assert "dumped@example.com" in text
+
+
+def test_hup_reloads_the_default_quota(tmp_path: Path) -> None:
+    conf = tmp_path / "rl.conf"
+    conf.write_text("[limits]\ndefault_quota = 1\n")
+    d = DaemonProc(tmp_path, config=conf)
+    try:
+        with PolicyClient(d.port) as c:
+            assert c.ask(request_bytes(sasl_username="a@x")) == "DUNNO"
+            assert c.ask(request_bytes(sasl_username="a@x")) != "DUNNO"
+            conf.write_text("[limits]\ndefault_quota = 4\n")
+            d.signal(signal.SIGHUP)
+            d.wait_log("configuration reloaded")
+            assert [c.ask(request_bytes(sasl_username="b@x")) for _ in range(5)] == \
+                ["DUNNO"] * 4 + ["471 daily message quota exceeded"]
+            # An invalid config is rejected and the daemon keeps serving.
+            conf.write_text("[limits]\nperiod = 'fortnightly'\n")
+            d.signal(signal.SIGHUP)
+            d.wait_log("reload rejected")
+            assert c.ask(request_bytes(sasl_username="c@x")) == "DUNNO"
+    finally:
+        assert d.stop() == 0
+
+
+def test_bad_config_stops_the_start_naming_the_key(tmp_path: Path) -> None:
+    conf = tmp_path / "bad.conf"
+    conf.write_text("[limits]\nperiod = 'fortnightly'\n")
+    p = subprocess.run([sys.executable, "-m", "ratelimit_policyd", "run", "--config", str(conf)],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == os.EX_CONFIG
+    assert "limits.period" in p.stderr
+
+
+def test_version() -> None:
+    p = subprocess.run([sys.executable, "-m", "ratelimit_policyd", "--version"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and "ratelimit-policyd" in p.stdout
