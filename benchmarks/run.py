@@ -71,6 +71,7 @@ class Plan:
     cold_frac: float
     flush_senders: int | None
     quick: bool
+    matrix: bool
     keep: bool
     check_targets: bool
     extra_daemon_args: tuple[str, ...]
@@ -122,6 +123,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Plan:
     p.add_argument("--flush-senders", type=int, metavar="N",
                    help="extra scenario: N dirty senders, then SIGTERM; reports the final "
                         "flush and the startup time on the filled database")
+    p.add_argument("--no-matrix", action="store_true",
+                   help="skip the main table; run only the extra scenarios asked for")
     p.add_argument("--daemon-arg", action="append", default=[],
                    help="extra argument passed to the daemon (repeatable)")
     p.add_argument("--check-targets", action="store_true",
@@ -161,6 +164,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Plan:
         cold_frac=a.cold_frac,
         flush_senders=a.flush_senders,
         quick=a.quick,
+        matrix=not a.no_matrix,
         keep=a.keep,
         check_targets=a.check_targets,
         extra_daemon_args=tuple(a.daemon_arg),
@@ -199,6 +203,19 @@ def tail(path: Path, lines: int = 15) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     return ""
+
+
+def machine_busy(seconds: float = 1.0) -> float:
+    """CPUs' worth of busy time on the machine over ``seconds`` (before we start)."""
+
+    def ticks() -> tuple[int, int]:
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return sum(v) - v[3] - v[4], sum(v)
+
+    b0, t0 = ticks()
+    time.sleep(seconds)
+    b1, t1 = ticks()
+    return (b1 - b0) / max(t1 - t0, 1) * (os.cpu_count() or 1)
 
 
 def log(msg: str) -> None:
@@ -817,6 +834,12 @@ def summarize(out: Json, srv: Server, scenario: str) -> Json:
         "dunno": dunno, "over_quota": over, "other": other, "actions": out["actions"],
         "errors": errors, "error_detail": out["errors"], "bad_sample": out["bad_sample"],
     }
+    # CPU of the whole machine used neither by the processes measured here nor by
+    # interrupts (loopback TCP runs partly in softirq, charged to no process): other
+    # jobs on a shared box. A noise indicator, in percent of one CPU.
+    ours = sum(max(v, 0.0) for v in cpu.values()) + out["loadgen_cpu_s"]
+    busy = ((out["machine_busy_pct"] - out["machine_intr_pct"]) / 100 * out["ncpu"] * win)
+    cell["foreign_cpu_pct"] = round(max(0.0, busy - ours) * 100 / win, 1)
     for role, secs in cpu.items():
         if role != "server":
             cell[f"{role}_cpu_us"] = round(secs * 1e6 / n, 1) if secs >= 0 else None
@@ -851,8 +874,8 @@ def render(record: Json) -> str:
     L.append("")
     L.append("| server | conns | decisions/s | vs readline | p50 ms | p99 ms | p99.9 ms | max ms "
              "| server CPU us/dec | server CPU % | DB CPU us/dec | loadgen CPU % "
-             "| RSS MB (peak) | DUNNO | over quota | other | errors |")
-    L.append("|" + "---|" * 17)
+             "| other jobs CPU % | RSS MB (peak) | DUNNO | over quota | other | errors |")
+    L.append("|" + "---|" * 18)
     base = {c["conns"]: c["rate"] for c in cells if c["server"] == "readline"}
     for c in cells:
         ratio = (f"{c['rate'] / base[c['conns']]:.2f}x"
@@ -863,7 +886,8 @@ def render(record: Json) -> str:
                  f"| {c['p50_ms']:.2f} | {c['p99_ms']:.2f} | {c['p999_ms']:.2f} "
                  f"| {c['max_ms']:.1f} | {fmt(c['server_cpu_us'], '.0f')} "
                  f"| {fmt(c['server_cpu_pct'], '.0f')} | {fmt(c.get('mariadbd_cpu_us'), '.0f')} "
-                 f"| {c['loadgen_cpu_pct']:.0f} | {rss} | {c['dunno']} | {c['over_quota']} "
+                 f"| {c['loadgen_cpu_pct']:.0f} | {c['foreign_cpu_pct']:.0f} | {rss} "
+                 f"| {c['dunno']} | {c['over_quota']} "
                  f"| {c['other']} | {c['errors']} |")
     L.append("")
     slow = [c for c in cells if c["ramp_s"] < 0 or c["ramp_s"] > 0.5]
@@ -1022,9 +1046,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         bench = Bench(plan, workdir)
         bench.record["meta"]["daemon_available"] = bench.daemon_ok or bench.daemon_why
+        idle_busy = machine_busy()
+        bench.record["meta"]["busy_cpus_before_start"] = round(idle_busy, 2)
+        if idle_busy > 0.3:
+            log(f"warning: the machine is already busy ({idle_busy:.1f} CPUs) before the "
+                "benchmark starts; numbers will be noisy (see 'other jobs CPU %')")
         if not bench.daemon_ok and plan.backends:
             log(f"daemon not available: {bench.daemon_why}")
-        bench.run_matrix()
+        if plan.matrix:
+            bench.run_matrix()
         if plan.db_delay is not None:
             bench.run_db_delay()
         if plan.flush_senders:

@@ -35,8 +35,13 @@ class Engine:
     """Decides requests. ``limits`` may be replaced at any time (reload)."""
 
     def __init__(self, limits: Limits, cache: QuotaCache, storage: Storage,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 decision_sink: Callable[[tuple[float, str]], None] | None = None) -> None:
+        """``decision_sink`` takes ``(time, line)`` for each decision line (see
+        ``logs.DecisionLog``); without one, lines go through ``logging`` directly."""
         self.cache = cache
+        self._sink = decision_sink
+        self.log_decisions = True
         self.storage = storage
         self._clock = clock
         self._db_down_until = 0.0
@@ -94,15 +99,18 @@ class Engine:
             reply = DUNNO
             action = "dunno"
         self._count(action)
-        if decisions.isEnabledFor(logging.INFO):
+        if self.log_decisions:
             # The Perl daemon's line, field for field (recipient_count is what was counted).
-            decisions.info(
-                "%s: client=%s[%s], sasl_method=%s, sasl_username=%s, recipient_count=%d, "
-                "curr_count=%d/%d, status=%s",
-                attrs.get("queue_id", ""), attrs.get("client_name", ""),
-                attrs.get("client_address", ""), attrs.get("sasl_method", ""),
-                attrs.get("sasl_username", ""), what.n, charge.used, charge.quota,
-                OVER_QUOTA if charge.over else charge.status)
+            get = attrs.get
+            line = (f"{get('queue_id', '')}: client={get('client_name', '')}"
+                    f"[{get('client_address', '')}], sasl_method={get('sasl_method', '')}, "
+                    f"sasl_username={get('sasl_username', '')}, recipient_count={what.n}, "
+                    f"curr_count={charge.used}/{charge.quota}, "
+                    f"status={OVER_QUOTA if charge.over else charge.status}")
+            if self._sink is not None:
+                self._sink((now, line))
+            else:
+                decisions.info("%s", line)
         return reply
 
     def _load(self, key: str, now: float) -> None:

@@ -27,7 +27,7 @@ from ratelimit_policyd.cache import QuotaCache
 from ratelimit_policyd.config import ConfigError, Settings, redact_url, reload
 from ratelimit_policyd.engine import Engine
 from ratelimit_policyd.flusher import Flusher
-from ratelimit_policyd.logs import setup_logging
+from ratelimit_policyd.logs import DecisionLog, setup_logging
 from ratelimit_policyd.model import Delta
 from ratelimit_policyd.server import AccessList, PolicyServer, parse_networks
 from ratelimit_policyd.storage import open_storage
@@ -95,7 +95,11 @@ class Daemon:
         cache = QuotaCache(s.calendar(), limits.default_quota,
                            max_entries=s.cache.max_entries, idle_ttl=s.cache.idle_ttl)
         self.cache = cache
-        self.engine = engine = Engine(limits, cache, storage)
+        self.decision_log = DecisionLog()
+        self.decision_log.start()
+        self.engine = engine = Engine(limits, cache, storage,
+                                      decision_sink=self.decision_log.append)
+        engine.log_decisions = s.log.decisions
         self.flusher = Flusher(cache, storage, s.cache.flush_interval,
                                default_quota=lambda: self.engine.limits.default_quota,
                                on_db_ok=engine.db_ok)
@@ -168,6 +172,7 @@ class Daemon:
         setup_logging(new.log)
         limits = new.policy_limits()
         self.engine.set_limits(limits)
+        self.engine.log_decisions = new.log.decisions
         self.cache.reconfigure(new.calendar(), limits.default_quota)
         self.cache.max_entries = new.cache.max_entries
         self.cache.idle_ttl = new.cache.idle_ttl
@@ -209,6 +214,7 @@ class Daemon:
             self._write_spool()
         if self.storage is not None:
             self.storage.close()
+        self.decision_log.close()
         log.info("stopped")
         return 0
 

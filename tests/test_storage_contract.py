@@ -1,0 +1,575 @@
+"""The Storage contract, one suite run on every backend (SQLite and a real MariaDB).
+
+Each test talks to a fresh database built from the shipped sql/ file (MySQL, with a user
+holding only the Perl daemon's grants) or created by open_storage (SQLite). "Operator"
+changes go through a separate raw connection, as an admin's SQL would.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ratelimit_policyd.model import Delta, Row
+from ratelimit_policyd.storage import Storage, StorageError, TableNames, open_storage
+from tests.fixtures_mariadb import MariaDB
+
+E1 = 1_767_225_600  # an hour boundary; the storage never looks at the clock
+E2 = E1 + 3600
+E3 = E2 + 3600
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Keys that must reach the database as values, byte for byte.
+TRICKY_KEYS = [
+    "o'brien@example.org",
+    'say "hi"@example.org',
+    "back\\slash@example.org",
+    "robert'); DROP TABLE ratelimit; --@example.org",
+    "`tick`@example.org",
+    "pct%_wild%@example.org",
+    "semi;colon=eq@example.org",
+    "jörg.müller@bücher.example",
+    "пользователь@пример.рф",
+    "用户@例子.中国",
+]
+
+
+class Backend:
+    """An open Storage plus raw SQL access to the same database, per backend."""
+
+    kind: str
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._opened: list[Storage] = [storage]
+
+    def open(self, **kwargs: Any) -> Storage:
+        """Another Storage on the same database: a second daemon, or an admin command."""
+        storage = self._open(**kwargs)
+        self._opened.append(storage)
+        return storage
+
+    def close_all(self) -> None:
+        for storage in self._opened:
+            storage.close()
+
+    def _open(self, **kwargs: Any) -> Storage:
+        raise NotImplementedError
+
+    def sql(self, statement: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """Raw SQL, written with %s placeholders."""
+        raise NotImplementedError
+
+    def columns(self, table: str) -> list[tuple[Any, ...]]:
+        """What the database says about a table's columns, for comparing schemas."""
+        raise NotImplementedError
+
+
+class SQLiteBackend(Backend):
+    kind = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(open_storage(self.url))
+
+    @property
+    def url(self) -> str:
+        return f"sqlite://{self.path}"
+
+    def _open(self, **kwargs: Any) -> Storage:
+        return open_storage(kwargs.pop("url", self.url), **kwargs)
+
+    def sql(self, statement: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        con = sqlite3.connect(self.path, timeout=10)
+        try:
+            with con:
+                return con.execute(statement.replace("%s", "?"), tuple(args)).fetchall()
+        finally:
+            con.close()
+
+    def columns(self, table: str) -> list[tuple[Any, ...]]:
+        return self.sql(f'PRAGMA table_info("{table}")')
+
+    def indexes(self) -> list[tuple[Any, ...]]:
+        found = self.sql('PRAGMA index_list("ratelimit")')
+        return [(unique, self.sql(f'PRAGMA index_info("{name}")')) for _, name, unique, *_ in found]
+
+
+class MySQLBackend(Backend):
+    kind = "mysql"
+
+    def __init__(self, server: MariaDB, db: str, url: str) -> None:
+        self.server, self.db, self.url = server, db, url
+        super().__init__(open_storage(url))
+
+    def _open(self, **kwargs: Any) -> Storage:
+        return open_storage(kwargs.pop("url", self.url), **kwargs)
+
+    def sql(self, statement: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        return self.server.execute(statement, db=self.db, args=tuple(args) or None)
+
+    def columns(self, table: str) -> list[tuple[Any, ...]]:
+        return self.sql(
+            "SELECT COLUMN_NAME, ORDINAL_POSITION, COLUMN_DEFAULT, IS_NULLABLE, COLUMN_TYPE,"
+            " CHARACTER_SET_NAME, COLLATION_NAME, COLUMN_KEY, EXTRA, COLUMN_COMMENT"
+            " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
+            " AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
+            (table,),
+        )
+
+    @property
+    def root_url(self) -> str:
+        return self.server.url(self.db)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        b: Backend = SQLiteBackend(tmp_path / "db" / "ratelimit.sqlite3")
+    else:
+        b = MySQLBackend(
+            request.getfixturevalue("mariadb"),
+            request.getfixturevalue("mysql_db"),
+            request.getfixturevalue("mysql_url"),
+        )
+    try:
+        yield b
+    finally:
+        b.close_all()
+
+
+@pytest.fixture
+def storage(backend: Backend) -> Storage:
+    return backend.storage
+
+
+def row(sender: str, quota: int, used: int, expiry: int, persist: bool = False) -> Row:
+    return Row(sender=sender, quota=quota, used=used, expiry=expiry, persist=persist)
+
+
+def put(
+    backend: Backend, sender: str, *, quota: int, used: int, expiry: int | None, persist: int = 0
+) -> None:
+    """Insert a row the way the Perl daemon or an operator would, bypassing Storage."""
+    backend.sql(
+        "INSERT INTO ratelimit (sender, quota, used, expiry, persist) VALUES (%s, %s, %s, %s, %s)",
+        (sender, quota, used, expiry, persist),
+    )
+
+
+# -- apply: the update rule ----------------------------------------------------------------
+
+
+def test_first_delta_inserts_a_row_with_the_default_quota(storage: Storage) -> None:
+    got = storage.apply([Delta("alice@example.org", 3, E1)], default_quota=100)
+    assert got == {"alice@example.org": row("alice@example.org", 100, 3, E1)}
+    assert storage.load(["alice@example.org"]) == got
+
+
+def test_deltas_in_the_same_window_add_up(storage: Storage) -> None:
+    storage.apply([Delta("a@x", 2, E1)], default_quota=100)
+    got = storage.apply([Delta("a@x", 3, E1)], default_quota=500)
+    # No reset, so the quota the row has stays (the new default applies at the reset).
+    assert got["a@x"] == row("a@x", 100, 5, E1)
+
+
+@pytest.mark.parametrize(("persist", "quota_after"), [(0, 100), (1, 7)])
+def test_a_newer_expiry_resets_used_and_non_persistent_quota(
+    backend: Backend, storage: Storage, persist: int, quota_after: int
+) -> None:
+    put(backend, "a@x", quota=7, used=50, expiry=E1, persist=persist)
+    got = storage.apply([Delta("a@x", 2, E2)], default_quota=100)
+    assert got["a@x"] == row("a@x", quota_after, 2, E2, bool(persist))
+
+
+def test_old_then_new_window_deltas_of_one_key_in_one_batch(
+    backend: Backend, storage: Storage
+) -> None:
+    put(backend, "old@x", quota=7, used=10, expiry=E1)
+    batch = [
+        Delta("old@x", 3, E1),  # counted before the boundary: adds to the old window
+        Delta("zed@x", 1, E1),
+        Delta("new@x", 5, E1),  # a key with no row yet, also across the boundary
+        Delta("old@x", 4, E2),  # after the boundary: resets
+        Delta("new@x", 6, E2),
+        Delta("mid@x", 9, E2),
+        Delta("late@x", 4, E2),  # new window first, then a late old-window delta
+        Delta("late@x", 3, E1),
+    ]
+    got = storage.apply(batch, default_quota=100)
+    assert got == {
+        "old@x": row("old@x", 100, 4, E2),
+        "new@x": row("new@x", 100, 6, E2),
+        "zed@x": row("zed@x", 100, 1, E1),
+        "mid@x": row("mid@x", 100, 9, E2),
+        "late@x": row("late@x", 100, 7, E2),
+    }
+
+
+def test_an_older_expiry_adds_without_moving_expiry_back(
+    backend: Backend, storage: Storage
+) -> None:
+    put(backend, "a@x", quota=7, used=5, expiry=E2)
+    got = storage.apply([Delta("a@x", 2, E1)], default_quota=100)
+    assert got["a@x"] == row("a@x", 7, 7, E2)
+
+
+@pytest.mark.parametrize("expiry", [None, 0])
+@pytest.mark.parametrize(("persist", "quota_after"), [(0, 100), (1, 7)])
+def test_rows_without_expiry_from_the_perl_daemon_count_as_expired(
+    backend: Backend, storage: Storage, expiry: int | None, persist: int, quota_after: int
+) -> None:
+    put(backend, "perl@x", quota=7, used=50, expiry=expiry, persist=persist)
+    assert storage.load(["perl@x"]) == {"perl@x": row("perl@x", 7, 50, 0, bool(persist))}
+    got = storage.apply([Delta("perl@x", 1, E1)], default_quota=100)
+    assert got["perl@x"] == row("perl@x", quota_after, 1, E1, bool(persist))
+
+
+def test_a_batch_of_thousands_of_keys(backend: Backend, storage: Storage) -> None:
+    existing = [f"old{i:05d}@example.org" for i in range(700)]
+    for sender in existing[:3]:
+        put(backend, sender, quota=7, used=1, expiry=E1, persist=1)
+    storage.apply([Delta(s, 1, E1) for s in existing], default_quota=50)
+    fresh = [f"new{i:05d}@example.org" for i in range(2800)]
+    batch = [Delta(s, 2, E1) for s in fresh + existing]
+    random.Random(1).shuffle(batch)
+    got = storage.apply(batch, default_quota=50)
+    assert len(got) == 3500
+    assert all(got[s] == row(s, 50, 2, E1) for s in fresh)
+    assert got[existing[0]] == row(existing[0], 7, 4, E1, True)
+    assert all(got[s] == row(s, 50, 3, E1) for s in existing[3:])
+    assert storage.load(fresh + existing) == got
+
+
+def test_apply_and_load_of_nothing(storage: Storage) -> None:
+    assert storage.apply([], default_quota=10) == {}
+    assert storage.load([]) == {}
+
+
+def test_load_leaves_absent_keys_out(storage: Storage) -> None:
+    storage.apply([Delta("here@x", 1, E1)], default_quota=10)
+    assert storage.load(["absent@x", "here@x", "here@x"]) == {"here@x": row("here@x", 10, 1, E1)}
+    assert storage.load(["absent@x", "also-absent@x"]) == {}
+
+
+def test_keys_are_compared_byte_for_byte(storage: Storage) -> None:
+    # The daemon normalises case itself; the table must not merge keys behind its back.
+    got = storage.apply([Delta("Alice@x", 1, E1), Delta("alice@x", 2, E1)], default_quota=10)
+    assert got == {"Alice@x": row("Alice@x", 10, 1, E1), "alice@x": row("alice@x", 10, 2, E1)}
+
+
+@pytest.mark.parametrize("sender", TRICKY_KEYS)
+def test_keys_with_sql_metacharacters_and_utf8_round_trip(storage: Storage, sender: str) -> None:
+    other = "plain@example.org"
+    got = storage.apply([Delta(sender, 2, E1), Delta(other, 1, E1)], default_quota=10)
+    assert got == {sender: row(sender, 10, 2, E1), other: row(other, 10, 1, E1)}
+    assert storage.load([sender]) == {sender: row(sender, 10, 2, E1)}
+    assert [r.sender for r in storage.iter_rows()] == sorted([sender, other])
+
+
+def test_a_key_too_long_for_the_column_is_dropped_and_logged_the_rest_applied(
+    storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="ratelimit_policyd.storage")
+    too_long = "x" * 250 + "@long.example"
+    limit = "y" * 255  # exactly the column's size: accepted
+    storage.apply([Delta("b@x", 1, E1)], default_quota=10)
+    batch = [Delta("a@x", 1, E1), Delta(too_long, 5, E1), Delta("b@x", 2, E1), Delta(limit, 1, E1)]
+    got = storage.apply(batch, default_quota=10)
+    assert got == {
+        "a@x": row("a@x", 10, 1, E1),
+        "b@x": row("b@x", 10, 3, E1),
+        limit: row(limit, 10, 1, E1),
+    }
+    assert storage.load([too_long]) == {}
+    dropped = [r for r in caplog.records if r.levelno == logging.ERROR and "dropped" in r.message]
+    assert len(dropped) == 1
+    assert "xxxxxxxx" in dropped[0].getMessage()
+
+
+def test_an_operator_update_is_seen_by_the_next_apply_and_load(
+    backend: Backend, storage: Storage
+) -> None:
+    storage.apply([Delta("a@x", 1, E1), Delta("b@x", 1, E1)], default_quota=10)
+    backend.sql("UPDATE ratelimit SET quota = 500, persist = 1 WHERE sender = %s", ("a@x",))
+    backend.sql("UPDATE ratelimit SET used = 0 WHERE sender = %s", ("b@x",))
+    assert storage.load(["a@x"]) == {"a@x": row("a@x", 500, 1, E1, True)}
+    got = storage.apply([Delta("a@x", 1, E1), Delta("b@x", 1, E1)], default_quota=10)
+    assert got == {"a@x": row("a@x", 500, 2, E1, True), "b@x": row("b@x", 10, 1, E1)}
+
+
+# -- concurrency -------------------------------------------------------------------------
+
+
+def _apply_until_done(storage: Storage, deltas: list[Delta], default_quota: int) -> None:
+    """What the flusher does: on a transient error nothing was applied, so send again."""
+    for _ in range(20):
+        try:
+            storage.apply(deltas, default_quota)
+            return
+        except StorageError as exc:
+            if not exc.transient:
+                raise
+    raise AssertionError("apply kept failing")
+
+
+def test_concurrent_daemons_and_threads_lose_no_count_and_reset_once(
+    backend: Backend,
+) -> None:
+    daemons = [backend.storage, backend.open()]  # two daemons on one database
+    keys = [f"user{i:02d}@example.org" for i in range(15)]
+    workers, rounds = 4, 20
+
+    def run_phase(expiry: int) -> dict[str, int]:
+        expected = dict.fromkeys(keys, 0)
+        plans: list[list[list[Delta]]] = []
+        for w in range(workers):
+            rng = random.Random(w * 1000 + expiry)
+            plan = []
+            for _ in range(rounds):
+                batch = [Delta(k, rng.randint(1, 3), expiry) for k in keys]
+                rng.shuffle(batch)
+                for d in batch:
+                    expected[d.sender] += d.n
+                plan.append(batch)
+            plans.append(plan)
+        start = threading.Barrier(workers)
+
+        def work(w: int) -> None:
+            start.wait()
+            for batch in plans[w]:
+                _apply_until_done(daemons[w % 2], batch, default_quota=100)
+
+        with ThreadPoolExecutor(workers) as pool:
+            for future in [pool.submit(work, w) for w in range(workers)]:
+                future.result()
+        return expected
+
+    expected = run_phase(E1)  # every key new: concurrent inserts of the same keys
+    rows = backend.storage.load(keys)
+    assert {k: r.used for k, r in rows.items()} == expected
+    backend.sql("UPDATE ratelimit SET quota = 999 WHERE sender = %s", (keys[0],))
+    backend.sql("UPDATE ratelimit SET quota = 5, persist = 1 WHERE sender = %s", (keys[1],))
+
+    expected = run_phase(E2)  # every key crosses into a new window at once
+    rows = daemons[1].load(keys)
+    # Exact sums of the new window alone: exactly one reset per key, no lost update.
+    assert {k: r.used for k, r in rows.items()} == expected
+    assert {r.expiry for r in rows.values()} == {E2}
+    assert rows[keys[0]].quota == 100
+    assert rows[keys[1]].quota == 5
+
+
+# -- admin operations ----------------------------------------------------------------------
+
+
+def test_set_quota_inserts_an_absent_key(storage: Storage) -> None:
+    got = storage.set_quota("vip@x", 5000, True, E1)
+    assert got == row("vip@x", 5000, 0, E1, True)
+    assert storage.load(["vip@x"]) == {"vip@x": got}
+    assert storage.set_quota("plain@x", 20, None, E1) == row("plain@x", 20, 0, E1, False)
+
+
+def test_set_quota_of_an_existing_key_keeps_its_counts(storage: Storage) -> None:
+    storage.apply([Delta("a@x", 4, E1)], default_quota=10)
+    assert storage.set_quota("a@x", 50, None, E3) == row("a@x", 50, 4, E1, False)
+    assert storage.set_quota("a@x", 60, True, E3) == row("a@x", 60, 4, E1, True)
+    assert storage.set_quota("a@x", 70, None, E3) == row("a@x", 70, 4, E1, True)
+    assert storage.set_quota("a@x", 0, False, E3) == row("a@x", 0, 4, E1, False)
+
+
+def test_reset_sets_used_to_zero(storage: Storage) -> None:
+    storage.apply([Delta("a@x", 4, E1)], default_quota=10)
+    assert storage.reset("a@x") == row("a@x", 10, 0, E1)
+    assert storage.reset("a@x") == row("a@x", 10, 0, E1)  # already 0: still found
+    assert storage.reset("absent@x") is None
+
+
+def test_delete_removes_the_row(storage: Storage) -> None:
+    storage.apply([Delta("a@x", 4, E1), Delta("b@x", 1, E1)], default_quota=10)
+    assert storage.delete("a@x") is True
+    assert storage.delete("a@x") is False
+    assert storage.load(["a@x", "b@x"]) == {"b@x": row("b@x", 10, 1, E1)}
+    # A deleted key starts again from the default.
+    assert storage.apply([Delta("a@x", 1, E1)], 10)["a@x"] == row("a@x", 10, 1, E1)
+
+
+def test_iter_rows_lists_every_row_in_key_order(backend: Backend, storage: Storage) -> None:
+    assert list(storage.iter_rows()) == []
+    put(backend, "perl@x", quota=3, used=1, expiry=None, persist=1)
+    storage.apply([Delta("b@x", 2, E1), Delta("a@x", 1, E2)], default_quota=10)
+    assert list(storage.iter_rows()) == [
+        row("a@x", 10, 1, E2),
+        row("b@x", 10, 2, E1),
+        row("perl@x", 3, 1, 0, True),
+    ]
+
+
+def test_admin_changes_from_another_process_are_seen_by_the_daemon(backend: Backend) -> None:
+    daemon, admin = backend.storage, backend.open()
+    daemon.apply([Delta("a@x", 4, E1)], default_quota=10)
+    admin.set_quota("a@x", 99, True, E1)
+    assert daemon.apply([Delta("a@x", 1, E1)], 10)["a@x"] == row("a@x", 99, 5, E1, True)
+
+
+# -- schema ----------------------------------------------------------------------------
+
+
+def test_check_schema_accepts_the_shipped_schema(storage: Storage) -> None:
+    storage.check_schema()
+
+
+def test_check_schema_names_a_missing_table(backend: Backend, storage: Storage) -> None:
+    backend.sql("DROP VIEW view_ratelimit")
+    backend.sql("DROP TABLE ratelimit")
+    with pytest.raises(StorageError, match="table ratelimit not found") as info:
+        storage.check_schema()
+    assert info.value.transient is False
+    assert "init-db" in str(info.value)
+
+
+def test_check_schema_names_a_missing_column(backend: Backend) -> None:
+    other = backend.open(names=TableNames(persist="keep"))
+    with pytest.raises(StorageError, match=r"lacks column.*keep") as info:
+        other.check_schema()
+    assert info.value.transient is False
+
+
+def test_init_schema_and_the_shipped_file_make_the_same_table(
+    backend: Backend, tmp_path: Path
+) -> None:
+    # The backend's table came from the shipped file (MySQL) or from init_schema
+    # (SQLite); build the other kind and compare what the database reports.
+    if isinstance(backend, MySQLBackend):
+        db = f"{backend.db}_init"
+        backend.server.create_database(db)
+        try:
+            open_storage(backend.server.url(db), create_schema=True).close()
+            other = MySQLBackend(backend.server, db, backend.server.url(db))
+            other.close_all()
+            for table in ("ratelimit", "view_ratelimit"):
+                assert other.columns(table) == backend.columns(table)
+            show = "SHOW CREATE TABLE ratelimit"
+            assert other.sql(show) == backend.sql(show)
+        finally:
+            backend.server.execute(f"DROP DATABASE `{db}`")
+    else:
+        assert isinstance(backend, SQLiteBackend)
+        path = tmp_path / "from-file.sqlite3"
+        con = sqlite3.connect(path)
+        con.executescript((ROOT / "sql" / "sqlite" / "001_ratelimit.sql").read_text())
+        con.close()
+        from_file = SQLiteBackend(path)  # the table exists: open_storage leaves it alone
+        from_file.close_all()
+        for table in ("ratelimit", "view_ratelimit"):
+            assert from_file.columns(table) == backend.columns(table)
+        assert from_file.indexes() == backend.indexes()
+
+
+def test_configured_table_and_column_names(backend: Backend) -> None:
+    names = TableNames(
+        table="quota_rows",
+        sender="email",
+        quota="max_rcpt",
+        used="tally",
+        expiry="resets_at",
+        persist="keep",
+        updated="touched",
+    )
+    url = backend.root_url if isinstance(backend, MySQLBackend) else backend.url
+    custom = backend.open(url=url, names=names, create_schema=True)
+    custom.check_schema()
+    got = custom.apply([Delta("a@x", 2, E1), Delta("a@x", 3, E2)], default_quota=10)
+    assert got == {"a@x": row("a@x", 10, 3, E2)}
+    assert custom.set_quota("a@x", 20, True, E1) == row("a@x", 20, 3, E2, True)
+    assert list(custom.iter_rows()) == [row("a@x", 20, 3, E2, True)]
+    assert backend.sql("SELECT email, tally FROM quota_rows") == [("a@x", 3)]
+    assert backend.sql("SELECT COUNT(*) FROM ratelimit") == [(0,)]
+
+
+def test_a_closed_storage_refuses_work(backend: Backend) -> None:
+    other = backend.open()
+    other.close()
+    with pytest.raises(StorageError) as info:
+        other.load(["a@x"])
+    assert info.value.transient is False
+
+
+# -- open_storage for SQLite ---------------------------------------------------------------
+
+
+def test_sqlite_creates_its_directory_and_schema(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "rl.sqlite3"
+    storage = open_storage(f"sqlite://{path}")
+    try:
+        storage.check_schema()
+        assert storage.apply([Delta("a@x", 1, E1)], 5) == {"a@x": row("a@x", 5, 1, E1)}
+    finally:
+        storage.close()
+    assert path.exists()
+    con = sqlite3.connect(path)
+    try:
+        assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert con.execute("SELECT sender, used FROM view_ratelimit").fetchall() == [("a@x", 1)]
+    finally:
+        con.close()
+
+
+def test_sqlite_url_is_percent_decoded(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite://{tmp_path}/with%20space.sqlite3")
+    storage.close()
+    assert (tmp_path / "with space.sqlite3").exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite://relative/path.sqlite3", "three slashes"),
+        ("sqlite:///", "absolute file path"),
+        ("sqlite:///tmp/x.sqlite3?mode=ro", "no query"),
+        ("postgres://u@h/db", "unsupported database URL"),
+        ("/var/lib/ratelimit.sqlite3", "unsupported database URL"),
+        ("", "unsupported database URL"),
+        ("mysql://h/db", "a user is required"),
+        ("mysql://u@h/", "name one database"),
+        ("mysql://u@h/a/b", "name one database"),
+        ("mysql://u@h:99999/db", "port"),
+        ("mysql://u@h:x/db", "port"),
+        ("mysql://u:secret@h/db?timeout=3", "unknown parameter"),
+        ("mysql://u@/db", "a host or ?unix_socket"),
+        ("mysql://u@h/db?charset=klingon", "charset"),
+    ],
+)
+def test_bad_urls_are_refused_with_a_clear_message(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        open_storage(url)
+    assert "secret" not in str(info.value)
+
+
+def test_bad_pool_and_timeout_settings_are_refused(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path}/x.sqlite3"
+    bad: list[Callable[[], Storage]] = [
+        lambda: open_storage(url, pool_size=0),
+        lambda: open_storage(url, connect_timeout=0),
+        lambda: open_storage(url, read_timeout=-1),
+    ]
+    for call in bad:
+        with pytest.raises(ValueError):
+            call()
+
+
+def test_sqlite_reports_an_unusable_path(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StorageError) as info:
+        open_storage(f"sqlite://{blocker}/sub/rl.sqlite3")
+    assert info.value.transient is False

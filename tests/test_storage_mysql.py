@@ -1,0 +1,317 @@
+"""What only the MySQL backend has: grants, outages, timeouts, the view, URL details.
+
+Outage tests run on their own private server (``private_mariadb``), so stopping or
+freezing it disturbs no other test. Time bounds are generous upper limits that show a
+timeout is honoured, not measurements.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from urllib.parse import quote
+
+import pytest
+
+from ratelimit_policyd.model import Delta, Row
+from ratelimit_policyd.storage import Storage, StorageError, open_storage
+from tests.fixtures_mariadb import MariaDB
+
+pytestmark = pytest.mark.mysql
+
+E1 = 1_767_225_600
+E2 = E1 + 3600
+
+
+def row(sender: str, quota: int, used: int, expiry: int, persist: bool = False) -> Row:
+    return Row(sender=sender, quota=quota, used=used, expiry=expiry, persist=persist)
+
+
+@pytest.fixture
+def opened() -> Iterator[Callable[..., Storage]]:
+    """open_storage(), closing whatever the test opened at its end."""
+    storages: list[Storage] = []
+
+    def open_(url: str, **kwargs: object) -> Storage:
+        storage = open_storage(url, **kwargs)  # type: ignore[arg-type]
+        storages.append(storage)
+        return storage
+
+    yield open_
+    for storage in storages:
+        storage.close()
+
+
+def eventually(call: Callable[[], object], within: float = 60.0) -> object:
+    """Retry ``call`` while it raises a transient StorageError, up to a deadline."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return call()
+        except StorageError as exc:
+            if not exc.transient or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@dataclass
+class PrivateDB:
+    server: MariaDB
+    db: str
+    url: str  # the Perl-grants user
+
+
+@pytest.fixture
+def private_db(private_mariadb: Callable[[], MariaDB]) -> PrivateDB:
+    server = private_mariadb()
+    server.create_database("policyd")
+    server.apply_schema("policyd")
+    user, password = server.create_user("policyd")
+    return PrivateDB(server, "policyd", server.url("policyd", user, password))
+
+
+# -- grants and schema -----------------------------------------------------------------
+
+
+def test_the_daemon_needs_only_the_perl_grants(
+    mariadb: MariaDB, mysql_url: str, opened: Callable[..., Storage]
+) -> None:
+    user = mysql_url.split("//")[1].split(":")[0]
+    grants = " ".join(r[0] for r in mariadb.execute(f"SHOW GRANTS FOR '{user}'@'%'"))
+    assert "SELECT, INSERT, UPDATE, DELETE ON" in grants
+    assert "CREATE" not in grants and "ALTER" not in grants
+
+    storage = opened(mysql_url)
+    storage.check_schema()
+    assert storage.apply([Delta("a@x", 2, E1), Delta("a@x", 1, E2)], 10) == {
+        "a@x": row("a@x", 10, 1, E2)
+    }
+    assert storage.set_quota("b@x", 5, True, E1) == row("b@x", 5, 0, E1, True)
+    assert storage.reset("a@x") == row("a@x", 10, 0, E2)
+    assert storage.delete("b@x") is True
+    assert [r.sender for r in storage.iter_rows()] == ["a@x"]
+    # Creating the schema is for init-db, run with more rights; the daemon never does.
+    with pytest.raises(StorageError, match="denied") as info:
+        storage.init_schema()
+    assert info.value.transient is False
+
+
+def test_check_schema_names_a_missing_grant(
+    mariadb: MariaDB, mysql_db: str, opened: Callable[..., Storage]
+) -> None:
+    user, password = mariadb.create_user(mysql_db, grants="SELECT, UPDATE")
+    try:
+        storage = opened(mariadb.url(mysql_db, user, password))
+        with pytest.raises(StorageError, match="may not INSERT on ratelimit") as info:
+            storage.check_schema()
+        assert info.value.transient is False
+        assert "GRANT SELECT, INSERT, UPDATE, DELETE" in str(info.value)
+    finally:
+        mariadb.execute(f"DROP USER '{user}'@'%'")
+
+
+def test_check_schema_names_a_missing_unique_index(
+    mariadb: MariaDB, mysql_db: str, mysql_url: str, opened: Callable[..., Storage]
+) -> None:
+    mariadb.execute("ALTER TABLE ratelimit DROP INDEX idx_sender", db=mysql_db)
+    with pytest.raises(StorageError, match=r"sender of table ratelimit .* no UNIQUE index"):
+        opened(mysql_url).check_schema()
+
+
+def test_wrong_credentials_and_unknown_database_are_permanent_errors(
+    mariadb: MariaDB, mysql_url: str, opened: Callable[..., Storage]
+) -> None:
+    bad_password = opened(mysql_url, password="wrong")
+    with pytest.raises(StorageError, match="Access denied") as info:
+        bad_password.load(["a@x"])
+    assert info.value.transient is False
+    unknown_db = opened(mariadb.url("no_such_db"))
+    with pytest.raises(StorageError, match="Unknown database") as info:
+        unknown_db.check_schema()
+    assert info.value.transient is False
+
+
+def test_the_view_shows_expiry_as_a_date(
+    mariadb: MariaDB, mysql_db: str, mysql_url: str, opened: Callable[..., Storage]
+) -> None:
+    opened(mysql_url).apply([Delta("a@x", 3, E1)], 10)
+    mariadb.execute("INSERT INTO ratelimit (sender, expiry) VALUES ('perl@x', NULL)", db=mysql_db)
+    rows = mariadb.execute(
+        "SELECT sender, used, expiry, expiry = FROM_UNIXTIME(%s) FROM view_ratelimit"
+        " ORDER BY sender",
+        db=mysql_db,
+        args=(E1,),
+    )
+    assert [(r[0], r[1], r[3]) for r in rows] == [("a@x", 3, 1), ("perl@x", 0, None)]
+    assert isinstance(rows[0][2], datetime)
+
+
+def test_updates_of_existing_rows_consume_no_auto_increment_ids(
+    mariadb: MariaDB, mysql_db: str, mysql_url: str, opened: Callable[..., Storage]
+) -> None:
+    storage = opened(mysql_url)
+    keys = [f"k{i:03d}@x" for i in range(50)]
+    storage.apply([Delta(k, 1, E1) for k in keys], 10)
+
+    def next_id() -> int:
+        found = mariadb.execute(
+            "SELECT AUTO_INCREMENT FROM information_schema.TABLES"
+            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'ratelimit'",
+            db=mysql_db,
+        )
+        return int(found[0][0])
+
+    before = next_id()
+    for _ in range(20):  # twenty flushes of fifty known keys, across a window change
+        storage.apply([Delta(k, 1, E1) for k in keys] + [Delta(k, 1, E2) for k in keys], 10)
+    storage.set_quota(keys[0], 99, True, E2)
+    # The Perl table's id is a signed INT: an upsert that burnt an id per key and flush
+    # would run out within weeks on a busy server.
+    assert next_id() == before
+    assert storage.load(keys[:1]) == {keys[0]: row(keys[0], 99, 20, E2, True)}
+
+
+# -- values ------------------------------------------------------------------------------
+
+
+def test_a_key_the_utf8mb3_column_cannot_hold_is_dropped_and_logged(
+    mysql_url: str, opened: Callable[..., Storage], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The Perl table is utf8 (3 bytes): strict mode refuses a 4-byte character.
+    caplog.set_level(logging.ERROR, logger="ratelimit_policyd.storage.mysql")
+    storage = opened(mysql_url)
+    got = storage.apply([Delta("emoji\U0001f600@x", 1, E1), Delta("plain@x", 2, E1)], 10)
+    assert got == {"plain@x": row("plain@x", 10, 2, E1)}
+    assert any("dropped 1 recipient" in r.getMessage() for r in caplog.records)
+
+
+def test_strict_mode_is_set_by_the_client_whatever_the_server_default(
+    private_db: PrivateDB, opened: Callable[..., Storage]
+) -> None:
+    private_db.server.execute("SET GLOBAL sql_mode = ''")
+    storage = opened(private_db.url)
+    long_key = "z" * 300
+    assert storage.apply([Delta(long_key, 1, E1), Delta("ok@x", 1, E1)], 10) == {
+        "ok@x": row("ok@x", 10, 1, E1)
+    }
+    # Not truncated into a 255-character key that would count for someone else.
+    assert private_db.server.execute("SELECT sender FROM ratelimit", db="policyd") == [("ok@x",)]
+
+
+# -- URLs --------------------------------------------------------------------------------
+
+
+def test_url_parts_are_percent_decoded_and_the_password_argument_wins(
+    mariadb: MariaDB, mysql_db: str, opened: Callable[..., Storage]
+) -> None:
+    password = "p@ss:w/rd%?#é"
+    mariadb.execute(
+        f"CREATE USER 'odd user'@'%%' IDENTIFIED BY %s;"
+        f" GRANT SELECT, INSERT, UPDATE, DELETE ON `{mysql_db}`.* TO 'odd user'@'%%'",
+        args=(password,),
+    )
+    try:
+        host = f"{mariadb.host}:{mariadb.port}/{mysql_db}"
+        encoded = f"mysql://odd%20user:{quote(password, safe='')}@{host}"
+        opened(encoded).check_schema()
+        opened(f"mysql://odd%20user:wrong@{host}", password=password).check_schema()
+        opened(f"mysql://odd%20user@{host}", password=password).check_schema()
+        over_socket = f"mysql://odd%20user@localhost/{mysql_db}?unix_socket={mariadb.socket}"
+        storage = opened(over_socket + "&charset=utf8mb4", password=password)
+        assert storage.apply([Delta("a@x", 1, E1)], 3) == {"a@x": row("a@x", 3, 1, E1)}
+    finally:
+        mariadb.execute("DROP USER 'odd user'@'%'")
+
+
+def test_opening_connects_to_nothing_so_the_daemon_starts_while_the_db_is_down(
+    private_db: PrivateDB, opened: Callable[..., Storage]
+) -> None:
+    private_db.server.stop()
+    storage = opened(private_db.url, connect_timeout=1, read_timeout=1)
+    with pytest.raises(StorageError) as info:
+        storage.load(["a@x"])
+    assert info.value.transient is True
+    private_db.server.start()
+    eventually(storage.check_schema)
+
+
+# -- outages -----------------------------------------------------------------------------
+
+
+def test_a_stopped_server_gives_transient_errors_and_work_resumes_after_restart(
+    private_db: PrivateDB, opened: Callable[..., Storage]
+) -> None:
+    storage = opened(private_db.url, connect_timeout=1, read_timeout=2)
+    storage.apply([Delta("a@x", 1, E1)], 10)
+    private_db.server.stop()
+
+    for call in (
+        lambda: storage.load(["a@x"]),
+        lambda: storage.apply([Delta("a@x", 5, E1)], 10),
+        lambda: storage.set_quota("a@x", 1, True, E1),
+    ):
+        started = time.monotonic()
+        with pytest.raises(StorageError) as info:
+            call()
+        assert info.value.transient is True
+        assert time.monotonic() - started < 20  # connect timeout 1 s: no hang
+
+    private_db.server.start()
+    # The counts the failed apply carried are sent again, as the flusher does.
+    got = eventually(lambda: storage.apply([Delta("a@x", 5, E1)], 10))
+    assert got == {"a@x": row("a@x", 10, 6, E1)}
+    assert storage.load(["a@x"]) == got
+
+    private_db.server.restart()  # pooled connections are now dead: replaced unseen
+    assert eventually(lambda: storage.load(["a@x"])) == got
+
+
+def test_a_frozen_server_fails_every_thread_within_the_timeouts(
+    private_db: PrivateDB, opened: Callable[..., Storage]
+) -> None:
+    storage = opened(private_db.url, connect_timeout=1, read_timeout=1, pool_size=4)
+    storage.apply([Delta(f"k{i}@x", 1, E1) for i in range(10)], 10)
+    for i in range(4):  # several pooled connections that will all be dead
+        storage.load([f"k{i}@x"])
+    private_db.server.pause()  # accepts TCP connections, answers nothing
+    try:
+
+        def attempt(i: int) -> tuple[bool, float]:
+            started = time.monotonic()
+            try:
+                storage.load([f"k{i}@x"])
+            except StorageError as exc:
+                return exc.transient, time.monotonic() - started
+            return False, time.monotonic() - started
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(attempt, range(16)))
+    finally:
+        private_db.server.resume()
+    assert all(transient for transient, _ in results)
+    # One ping and one connect attempt at most, never a queue of them: with 1 s
+    # timeouts every thread is answered in a few seconds (20 is a generous bound).
+    assert max(elapsed for _, elapsed in results) < 20
+    got = eventually(lambda: storage.apply([Delta("k0@x", 1, E1)], 10))
+    assert got == {"k0@x": row("k0@x", 10, 2, E1)}
+
+
+def test_more_threads_than_pooled_connections_wait_their_turn(
+    mysql_url: str, opened: Callable[..., Storage]
+) -> None:
+    storage = opened(mysql_url, pool_size=2)
+    keys = [f"k{i}@x" for i in range(6)]
+
+    def work(i: int) -> None:
+        for _ in range(10):
+            storage.apply([Delta(keys[i % 6], 1, E1)], 10)
+            storage.load(keys)
+
+    with ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(work, i) for i in range(12)]:
+            future.result()
+    assert {k: r.used for k, r in storage.load(keys).items()} == dict.fromkeys(keys, 20)
