@@ -4,7 +4,8 @@ Put in front of MariaDB, it turns each database round trip into a slow one, so t
 benchmark can show whether a cache miss (which must go to the database) holds up the
 requests of senders that are already cached. Client-to-server bytes pass at once;
 server-to-client chunks keep their order and each leaves ``--delay-ms`` after it arrived.
-Usage: ``python benchmarks/delayproxy.py --port P --upstream HOST:PORT --delay-ms N``.
+SIGUSR1 switches the delay on, SIGUSR2 off (``--off`` starts with it off).
+Usage: ``python benchmarks/delayproxy.py --port P --upstream HOST:PORT --delay-ms N [--off]``.
 """
 
 from __future__ import annotations
@@ -15,19 +16,31 @@ import collections
 import signal
 
 
-class Delayed:
-    """Writes chunks to a transport, each one ``delay`` seconds after it was queued."""
+class Knob:
+    """The delay now in force, shared by every connection; signals turn it on and off."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, out: asyncio.Transport, delay: float):
-        self.loop, self.out, self.delay = loop, out, delay
+    def __init__(self, delay: float, on: bool) -> None:
+        self.configured = delay
+        self.delay = delay if on else 0.0
+
+
+class Delayed:
+    """Writes chunks to a transport, each one ``knob.delay`` seconds after it came."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, out: asyncio.Transport, knob: Knob):
+        self.loop, self.out, self.knob = loop, out, knob
         self.queue: collections.deque[tuple[float, bytes]] = collections.deque()
         self.timer: asyncio.TimerHandle | None = None
 
     def push(self, data: bytes) -> None:
-        if self.delay <= 0:
+        if self.knob.delay <= 0 and not self.queue:
             self.out.write(data)
             return
-        self.queue.append((self.loop.time() + self.delay, data))
+        # due times never go backwards, so switching the delay off cannot reorder bytes
+        due = self.loop.time() + self.knob.delay
+        if self.queue:
+            due = max(due, self.queue[-1][0])
+        self.queue.append((due, data))
         if self.timer is None:
             self.timer = self.loop.call_at(self.queue[0][0], self._release)
 
@@ -74,8 +87,8 @@ class Upstream(asyncio.Protocol):
 class Downstream(asyncio.Protocol):
     """A client of the proxy (the daemon's database connection)."""
 
-    def __init__(self, upstream: tuple[str, int], delay: float) -> None:
-        self.upstream_addr, self.delay = upstream, delay
+    def __init__(self, upstream: tuple[str, int], knob: Knob) -> None:
+        self.upstream_addr, self.knob = upstream, knob
         self.pending: list[bytes] = []
         self.up: Upstream | None = None
 
@@ -83,7 +96,7 @@ class Downstream(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         loop = asyncio.get_running_loop()
-        self.delayed = Delayed(loop, transport, self.delay)
+        self.delayed = Delayed(loop, transport, self.knob)
         transport.pause_reading()
         self.connecting = loop.create_task(self._connect(loop))
 
@@ -105,14 +118,16 @@ class Downstream(asyncio.Protocol):
             self.up.transport.close()
 
 
-async def serve(port: int, upstream: tuple[str, int], delay: float) -> None:
+async def serve(port: int, upstream: tuple[str, int], knob: Knob) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: Downstream(upstream, delay), "127.0.0.1", port, backlog=256
+        lambda: Downstream(upstream, knob), "127.0.0.1", port, backlog=256
     )
     stopped = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopped.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: setattr(knob, "delay", knob.configured))
+    loop.add_signal_handler(signal.SIGUSR2, lambda: setattr(knob, "delay", 0.0))
     async with server:
         await stopped.wait()
 
@@ -122,9 +137,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="HOST:PORT of the real server")
     parser.add_argument("--delay-ms", type=float, default=0.0)
+    parser.add_argument("--off", action="store_true", help="start with the delay off")
     args = parser.parse_args()
     host, _, port = args.upstream.rpartition(":")
-    asyncio.run(serve(args.port, (host, int(port)), args.delay_ms / 1000.0))
+    knob = Knob(args.delay_ms / 1000.0, on=not args.off)
+    asyncio.run(serve(args.port, (host, int(port)), knob))
 
 
 if __name__ == "__main__":

@@ -649,7 +649,8 @@ static int run_main(void)
         conns[i].retry_at = now;
     }
     open_more(now);
-    /* The window opens after the warm-up and once every connection has had a reply,
+    /* The window opens after the warm-up and (unless a request count is the goal)
+     * once every connection has had a reply,
      * but never later than 20 s after the start: a burst of connects to a server with
      * a small listen backlog (socketserver's default is 5) can leave some of them
      * waiting for TCP retransmissions for seconds.  That ramp is reported on its own
@@ -672,7 +673,8 @@ static int run_main(void)
             if (all_up) ramp_ns = now - t_start;
         }
         if (phase == PH_WARMUP &&
-            ((now >= warm_end && all_up) || now >= t_start + 20000000000u || stop_requested)) {
+            ((now >= warm_end && (all_up || o_requests)) || now >= t_start + 20000000000u ||
+             stop_requested)) {
             phase = PH_MEASURE;
             win_start = now;
             cpu0 = self_cpu_s();

@@ -348,12 +348,17 @@ class Generator:
         for pid in pids:
             argv += ["--pid", str(pid)]
         limit = 120 + (duration or plan.duration) + (requests or 0) / 500
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=limit,
-                             check=False)
+        # a long prime prints progress lines: let them through to the terminal
+        try:
+            res = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=limit,
+                                 stderr=None if requests and requests >= 100000
+                                 else subprocess.PIPE, check=False)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"loadgen {label} did not finish within {limit:.0f} s") from None
         if res.returncode != 0 or not res.stdout.strip():
-            raise BenchError(f"loadgen failed ({res.returncode}): {res.stderr.strip()}")
+            raise BenchError(f"loadgen failed ({res.returncode}): {(res.stderr or '').strip()}")
         out: Json = json.loads(res.stdout)
-        out["stderr"] = res.stderr.strip()[-2000:]
+        out["stderr"] = (res.stderr or "").strip()[-2000:]
         return out
 
 
@@ -710,32 +715,40 @@ class Bench:
         runs = []
         hot = min(plan.senders, 10000)
         conns = max(plan.conns)
-        for delay in (0.0, plan.db_delay):
-            maria = self.ensure_mariadb()
-            pport = free_port()
-            proxy = Service(f"delayproxy-{delay:g}", [
-                sys.executable, str(HERE / "delayproxy.py"), "--port", str(pport),
-                "--upstream", f"127.0.0.1:{maria.port}", "--delay-ms", str(delay)], self.workdir)
-            try:
-                proxy.start(pport)
-                srv = self.start_daemon("mysql", tag=f"-delay{delay:g}ms", db_port=pport)
-            except BenchError as exc:
-                proxy.stop(10)
-                self.problem(f"db-delay {delay:g} ms: {exc}")
-                continue
-            srv.watch.append(("delayproxy", proxy.pid))
-            try:
-                prime = self.prime(srv, hot)
+        maria = self.ensure_mariadb()
+        pport = free_port()
+        # one daemon for both runs, behind a proxy whose delay is off while the hot
+        # senders are primed (a slow prime proves nothing) and for the first run
+        proxy = Service("delayproxy", [
+            sys.executable, str(HERE / "delayproxy.py"), "--port", str(pport), "--off",
+            "--upstream", f"127.0.0.1:{maria.port}", "--delay-ms", str(plan.db_delay)],
+            self.workdir)
+        try:
+            proxy.start(pport)
+            srv = self.start_daemon("mysql", tag="-delayproxy", db_port=pport)
+        except BenchError as exc:
+            proxy.stop(10)
+            self.problem(f"db-delay: {exc}")
+            self.record["scenarios"]["db_delay"] = {"status": f"failed: {exc}"}
+            return
+        srv.watch.append(("delayproxy", proxy.pid))
+        try:
+            prime = self.prime(srv, hot)
+            for delay in (0.0, plan.db_delay):
+                proxy.proc.send_signal(signal.SIGUSR1 if delay else signal.SIGUSR2)
                 cell = self.measure(srv, conns, label=f"mysql-delay{delay:g}ms-c{conns}",
                                     cold_frac=plan.cold_frac, scenario="db_delay")
                 cell.update(delay_ms=delay, hot_senders=hot, prime_rate=prime["rate"])
                 runs.append(cell)
-            except (BenchError, subprocess.TimeoutExpired) as exc:
-                self.problem(f"db-delay {delay:g} ms: {exc}")
-            finally:
-                self.stop(srv)
-                proxy.stop(10)
-        self.record["scenarios"]["db_delay"] = {"status": "ok", "runs": runs,
+        except (BenchError, subprocess.TimeoutExpired) as exc:
+            self.problem(f"db-delay: {exc}")
+        finally:
+            self.stop(srv)
+            proxy.stop(10)
+        db = None
+        with contextlib.suppress(Exception):
+            db = self.check_db(srv)
+        self.record["scenarios"]["db_delay"] = {"status": "ok", "runs": runs, "db": db,
                                                 "cold_frac": plan.cold_frac}
 
     def run_flush(self) -> None:
@@ -872,6 +885,30 @@ def render(record: Json) -> str:
              "Latency: request written to reply read, closed loop, one request in flight "
              "per connection.")
     L.append("")
+    if cells:
+        L.extend(render_matrix(cells))
+    daemons = [s for s in record["servers"] if s["kind"] == "daemon"]
+    if daemons:
+        L.extend(render_daemons(daemons))
+    if cells:
+        L.extend(render_targets(cells, plan))
+    L.extend(render_scenarios(record))
+    refs_started = [s for s in record["servers"] if s["kind"] == "ref"]
+    if refs_started or daemons:
+        L.append("Startup (exec to first accepted connection): " + ", ".join(
+            f"{s['name']} {s['startup_s']:.3f} s" for s in refs_started + daemons) + ".")
+        L.append("")
+    if record["problems"]:
+        L.append("## Problems")
+        L.extend(f"- {p}" for p in record["problems"])
+    else:
+        L.append("No errors: every reply was `action=...` followed by an empty line, no "
+                 "connection was dropped, and the database sums matched the counted requests.")
+    return "\n".join(L) + "\n"
+
+
+def render_matrix(cells: list[Json]) -> list[str]:
+    L: list[str] = []
     L.append("| server | conns | decisions/s | vs readline | p50 ms | p99 ms | p99.9 ms | max ms "
              "| server CPU us/dec | server CPU % | DB CPU us/dec | loadgen CPU % "
              "| other jobs CPU % | RSS MB (peak) | DUNNO | over quota | other | errors |")
@@ -916,9 +953,11 @@ def render(record: Json) -> str:
                      f"{100 * fastest['rate'] / top['rate']:.0f}% of that ceiling; in it the "
                      f"generator used {fastest['loadgen_cpu_pct']:.0f}% of one CPU.")
         L.append("")
+    return L
 
-    servers = {s["name"]: s for s in record["servers"]}
-    daemons = [s for s in record["servers"] if s["kind"] == "daemon"]
+
+def render_daemons(daemons: list[Json]) -> list[str]:
+    L: list[str] = []
     if daemons:
         L.append("| daemon | startup s | senders primed | prime rate/s | RSS after start MB "
                  "| RSS after senders MB | bytes/sender | peak RSS MB | stop s | log lines "
@@ -935,22 +974,7 @@ def render(record: Json) -> str:
                 f"| {db.get('sum_used', 'N/A')} = {db.get('expected_used', 'N/A')} "
                 f"{'ok' if db.get('ok') else 'MISMATCH' if db else ''} |")
         L.append("")
-
-    L.extend(render_targets(cells, plan))
-    L.extend(render_scenarios(record))
-    refs_started = [s for s in record["servers"] if s["kind"] == "ref"]
-    if refs_started:
-        L.append("Startup (exec to first accepted connection): " + ", ".join(
-            f"{s['name']} {s['startup_s']:.3f} s" for s in refs_started + daemons) + ".")
-        L.append("")
-    if record["problems"]:
-        L.append("## Problems")
-        L.extend(f"- {p}" for p in record["problems"])
-    else:
-        L.append("No errors: every reply was `action=...` followed by an empty line, no "
-                 "connection was dropped, and the database sums matched the counted requests.")
-    del servers
-    return "\n".join(L) + "\n"
+    return L
 
 
 def _mb(kb: int | None) -> float | None:

@@ -22,6 +22,12 @@ UPDATE: Final = "UPDATE"
 INSERT: Final = "INSERT"
 OVER_QUOTA: Final = "OVER_QUOTA"
 
+#: Postfix re-sends a request whose reply it did not get (``smtpd_policy_service_timeout``,
+#: 100 s by default, then ``retry_delay``): a repeat within this many seconds is a retry.
+RETRY_WINDOW: Final = 300.0
+#: Requests remembered for retry detection (about 200 bytes each).
+MAX_RECENT: Final = 100_000
+
 
 class Entry:
     """One cached key. ``used`` as seen by requests is ``base + inflight + pending``.
@@ -91,6 +97,8 @@ class QuotaCache:
         self._dirty: set[str] = set()
         # Deltas of windows that rolled over before they were flushed.
         self._rolled: list[Delta] = []
+        # Recent request tokens -> (time, answer), in insertion order.
+        self._recent: dict[object, tuple[float, Charge]] = {}
         self._calendar = calendar
         self._default_quota = default_quota
         self.max_entries = max_entries
@@ -98,12 +106,22 @@ class QuotaCache:
 
     # -- request path ---------------------------------------------------------------
 
-    def charge(self, key: str, n: int, now: float) -> Charge | None:
-        """Count ``n`` for ``key`` and say whether it went over; None on a miss."""
+    def charge(self, key: str, n: int, now: float, token: object = None) -> Charge | None:
+        """Count ``n`` for ``key`` and say whether it went over; None on a miss.
+
+        ``token`` identifies the request (Postfix's instance, state and recipient): a
+        request seen again within ``RETRY_WINDOW`` seconds is a retry of one whose reply
+        was lost, and gets the same answer without being counted twice.
+        """
         with self._lock:
             e = self._entries.get(key)
             if e is None:
                 return None
+            recent = self._recent
+            if token is not None:
+                seen = recent.get(token)
+                if seen is not None and now - seen[0] < RETRY_WINDOW:
+                    return seen[1]
             self._entries.move_to_end(key)
             e.seen = now
             if now >= e.expiry:
@@ -119,7 +137,13 @@ class QuotaCache:
             else:
                 status = INSERT
             e.known = True
-            return Charge(used, quota, used > quota, status, e.loaded)
+            charge = Charge(used, quota, used > quota, status, e.loaded)
+            if token is not None:
+                recent[token] = (now, charge)
+                if len(recent) > MAX_RECENT:
+                    # Oldest first (insertion order): drop one per insert beyond the cap.
+                    del recent[next(iter(recent))]
+            return charge
 
     def install(self, key: str, row: Row | None, now: float) -> None:
         """Cache a key after a miss: ``row`` as loaded, or None when it has no row.

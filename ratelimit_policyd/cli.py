@@ -2,7 +2,8 @@
 
 Admin commands work on the database directly with the daemon's configuration; a running
 daemon sees their changes at its next refresh (within about two flush intervals).
-Exit codes follow ``os.EX_*``.
+``status`` asks a running daemon over its control socket. Exit codes follow ``os.EX_*``
+(``status``: the LSB codes, 3 when no daemon runs).
 """
 
 from __future__ import annotations
@@ -15,8 +16,27 @@ from collections.abc import Sequence
 from typing import Any
 
 from ratelimit_policyd import __version__
-from ratelimit_policyd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, ConfigError, Settings, load
+from ratelimit_policyd.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    Settings,
+    load,
+    redact_url,
+)
 from ratelimit_policyd.status import rows_table
+
+#: LSB exit codes of ``status`` (and of init scripts' ``status``).
+STATUS_NOT_RUNNING = 3
+STATUS_UNKNOWN = 4
+#: Largest quota the schema's unsigned INT column holds.
+MAX_QUOTA = 4_294_967_295
+
+
+def _abspath(value: str | None) -> str | None:
+    """Paths from the command line are made absolute now: ``run --daemon`` changes to
+    ``/``, and a reload re-reads them from there."""
+    return os.path.abspath(value) if value else value
 
 
 def _run_overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -38,17 +58,24 @@ def _run_overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
     put("cache", "flush_interval", getattr(ns, "flush_interval", None))
     put("log", "file", getattr(ns, "log_file", None))
     put("log", "level", getattr(ns, "log_level", None))
-    put("daemon", "state_dir", getattr(ns, "state_dir", None))
+    # systemd's StateDirectory= announces the directory it made; a flag still wins.
+    state_dir = getattr(ns, "state_dir", None) or \
+        (os.environ.get("STATE_DIRECTORY", "").split(":")[0] or None)
+    put("daemon", "state_dir", _abspath(state_dir))
+    put("daemon", "pidfile", _abspath(getattr(ns, "pidfile", None)))
+    put("daemon", "user", getattr(ns, "user", None))
+    put("daemon", "group", getattr(ns, "group", None))
+    put("server", "control_socket", _abspath(getattr(ns, "control_socket", None)))
     return o
 
 
 def _config_path(ns: argparse.Namespace) -> tuple[str | None, bool]:
     """The config file to read, and whether it must exist (it must when named)."""
     if ns.config:
-        return ns.config, True
+        return os.path.abspath(ns.config), True
     env = os.environ.get(CONFIG_ENV)
     if env:
-        return env, True
+        return os.path.abspath(env), True
     if os.path.exists(DEFAULT_CONFIG_PATH):
         return DEFAULT_CONFIG_PATH, True
     return None, False
@@ -91,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--over-quota-action", metavar="ACTION",
                      help="reply over quota (default '471 {period} message quota exceeded')")
     run.add_argument("--on-db-error", choices=["dunno", "defer"])
+    run.add_argument("--daemon", action="store_true",
+                     help="detach into the background (SysV init); writes the pidfile")
+    run.add_argument("--pidfile", metavar="PATH",
+                     help="pidfile (default daemon.pidfile with --daemon; none in the "
+                          "foreground unless given)")
+    run.add_argument("--user", metavar="USER",
+                     help="switch to this user after binding (when started as root)")
+    run.add_argument("--group", metavar="GROUP", help="and this group (default: the user's)")
+    run.add_argument("--control-socket", metavar="PATH",
+                     help="unix socket for `status` (default STATE_DIR/control.sock)")
+
+    p = sub.add_parser("status", help="print a running daemon's cache and statistics")
+    _add_common(p)
+    p.add_argument("--control-socket", metavar="PATH",
+                   help="the daemon's control socket (default STATE_DIR/control.sock)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="how long to wait for the answer (default 10)")
 
     p = sub.add_parser("check-config", help="validate the configuration and exit")
     _add_common(p)
@@ -137,12 +181,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(ns, settings)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `ratelimit-policyd list | head`: the reader left; no traceback for that.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 def _dispatch(ns: argparse.Namespace, settings: Settings) -> int:
     cmd = ns.command
     if cmd == "run":
         return _cmd_run(ns, settings)
+    if cmd == "status":
+        return _cmd_status(ns, settings)
     if cmd == "check-config":
         print(f"configuration OK ({settings.source or 'built-in defaults'})")
         return os.EX_OK
@@ -156,6 +207,8 @@ def _dispatch(ns: argparse.Namespace, settings: Settings) -> int:
                 value = getattr(obj, f.name)
                 if f.name == "password" and value:
                     value = "***"
+                elif f.name == "url" and value:
+                    value = redact_url(value)
                 print(f"{f.name} = {_toml(value)}")
             print()
         return os.EX_OK
@@ -173,20 +226,39 @@ def _toml(value: Any) -> str:
 
 
 def _cmd_run(ns: argparse.Namespace, settings: Settings) -> int:
-    from ratelimit_policyd.lifecycle import Daemon
+    from ratelimit_policyd.daemonize import RunOptions, StartError, serve
     from ratelimit_policyd.storage.base import StorageError
 
-    daemon = Daemon(settings, _run_overrides(ns))
-    daemon.install_signal_handlers()
+    d = settings.daemon
+    opts = RunOptions(detach=ns.daemon, pidfile=d.pidfile if ns.daemon or ns.pidfile else "",
+                      user=d.user, group=d.group)
     try:
-        daemon.start()
+        return serve(settings, _run_overrides(ns), opts)
+    except StartError as exc:
+        print(f"ratelimit-policyd: {exc}", file=sys.stderr)
+        return exc.code
     except StorageError as exc:
         print(f"ratelimit-policyd: database: {exc}", file=sys.stderr)
         return os.EX_UNAVAILABLE
     except OSError as exc:
         print(f"ratelimit-policyd: cannot start: {exc}", file=sys.stderr)
         return os.EX_OSERR
-    return daemon.run()
+
+
+def _cmd_status(ns: argparse.Namespace, settings: Settings) -> int:
+    from ratelimit_policyd.control import ControlError, NotRunning, control_path, query
+
+    path = control_path(settings)
+    try:
+        reply = query(path, "status", timeout=ns.timeout)
+    except NotRunning as exc:
+        print(f"ratelimit-policyd: {exc}", file=sys.stderr)
+        return STATUS_NOT_RUNNING
+    except ControlError as exc:
+        print(f"ratelimit-policyd: {exc}", file=sys.stderr)
+        return STATUS_UNKNOWN
+    sys.stdout.write(reply)
+    return os.EX_OK
 
 
 def _cmd_admin(ns: argparse.Namespace, settings: Settings) -> int:

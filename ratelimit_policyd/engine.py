@@ -9,15 +9,14 @@ an answer.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Final
 
 from ratelimit_policyd.cache import OVER_QUOTA, QuotaCache
 from ratelimit_policyd.codec import encode_reply
 from ratelimit_policyd.policy import Countable, Limits, classify
+from ratelimit_policyd.stats import ThreadCounters
 from ratelimit_policyd.storage.base import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -45,8 +44,8 @@ class Engine:
         self.storage = storage
         self._clock = clock
         self._db_down_until = 0.0
-        self.stats: Counter[str] = Counter()
-        self._stats_lock = threading.Lock()
+        self.stats = ThreadCounters()
+        self._count = self.stats.incr
         self.set_limits(limits)
 
     def set_limits(self, limits: Limits) -> None:
@@ -79,13 +78,17 @@ class Engine:
             return DUNNO
         now = self._clock()
         cache = self.cache
-        charge = cache.charge(what.key, what.n, now)
+        instance = attrs.get("instance")
+        # A retried request carries the same instance, state and recipient.
+        token = (instance, attrs.get("protocol_state"), attrs.get("recipient"), what.key) \
+            if instance else None
+        charge = cache.charge(what.key, what.n, now, token)
         if charge is None:
             self._load(what.key, now)
-            charge = cache.charge(what.key, what.n, now)
+            charge = cache.charge(what.key, what.n, now, token)
             if charge is None:  # evicted in between: only under extreme churn
                 self._load(what.key, now)
-                charge = cache.charge(what.key, what.n, now)
+                charge = cache.charge(what.key, what.n, now, token)
                 if charge is None:
                     self._count("dunno")
                     return DUNNO
@@ -127,8 +130,3 @@ class Engine:
             self.cache.install_unloaded(key, now)
             return
         self.cache.install(key, rows.get(key), now)
-
-    def _count(self, what: str) -> None:
-        # Counter updates are not atomic across threads; a small lock keeps stats exact.
-        with self._stats_lock:
-            self.stats[what] += 1

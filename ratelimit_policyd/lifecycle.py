@@ -4,6 +4,8 @@ The main thread owns the signals. A handler only records the signal number and w
 the main loop through a self-pipe (no logging, no locks in a handler); the loop then
 calls ``handle_term`` / ``handle_hup`` / ``handle_usr1`` in normal thread context.
 ``serve_forever()`` runs in its own thread, since ``shutdown()`` would deadlock in it.
+``bind()`` opens the sockets before any thread exists, so that ``daemonize`` can fork
+and drop privileges between it and ``start()``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import Any
 from ratelimit_policyd import __version__
 from ratelimit_policyd.cache import QuotaCache
 from ratelimit_policyd.config import ConfigError, Settings, redact_url, reload
-from ratelimit_policyd.engine import Engine
+from ratelimit_policyd.control import ControlError, ControlServer, control_path
+from ratelimit_policyd.engine import DUNNO, Engine
 from ratelimit_policyd.flusher import Flusher
 from ratelimit_policyd.logs import DecisionLog, setup_logging
 from ratelimit_policyd.model import Delta
@@ -71,12 +74,43 @@ class Daemon:
         self.storage: Storage | None = None
         self.server: PolicyServer | None = None
         self.flusher: Flusher | None = None
+        self.control: ControlServer | None = None
 
     # -- start ----------------------------------------------------------------------
 
-    def start(self) -> None:
+    def bind(self) -> None:
+        """Open the policy port and the control socket, starting no thread.
+
+        A port in use raises OSError here, while an operator still sees the terminal.
+        The control socket is optional: when it cannot be made, the error is logged and
+        the daemon serves without ``status``.
+        """
         s = self.settings
-        setup_logging(s.log)
+        # Requests wait in the listen backlog until start() installs the engine.
+        self.server = PolicyServer(
+            s.listen_address(), lambda attrs: DUNNO,
+            allowed=AccessList(parse_networks(s.server.allowed_hosts)),
+            max_connections=s.server.max_connections,
+            max_request_bytes=s.server.max_request_bytes,
+            idle_timeout=s.server.idle_timeout, request_timeout=s.server.request_timeout)
+        path = control_path(s)
+        try:
+            self.control = ControlServer.bind(path)
+        except (ControlError, OSError) as exc:
+            log.error("control socket %s unavailable, `status` will not work: %s", path, exc)
+
+    def fds_to_keep(self) -> list[int]:
+        """File descriptors that must survive python-daemon closing every other one."""
+        fds = [self._wake_r, self._wake_w]
+        if self.server is not None:
+            fds.append(self.server.fileno())
+        if self.control is not None:
+            fds.append(self.control.fileno())
+        return fds
+
+    def check_storage(self) -> None:
+        """Open the database and check its schema; a missing schema raises StorageError."""
+        s = self.settings
         storage = open_storage(s.db_url(), names=s.table_names(), password=s.db_password(),
                                pool_size=s.database.pool_size,
                                connect_timeout=s.database.connect_timeout,
@@ -90,7 +124,23 @@ class Daemon:
                 # from memory, write counts when it is back.
                 log.error("database unreachable at start (%s); serving from memory", exc)
             else:
+                storage.close()
+                self.storage = None
                 raise
+
+    def release_storage(self) -> None:
+        """Close the database before a fork (the child opens its own connections)."""
+        if self.storage is not None:
+            self.storage.close()
+            self.storage = None
+
+    def start(self) -> None:
+        s = self.settings
+        setup_logging(s.log)
+        if self.storage is None:
+            self.check_storage()
+        storage = self.storage
+        assert storage is not None
         limits = s.policy_limits()
         cache = QuotaCache(s.calendar(), limits.default_quota,
                            max_entries=s.cache.max_entries, idle_ttl=s.cache.idle_ttl)
@@ -104,13 +154,11 @@ class Daemon:
                                default_quota=lambda: self.engine.limits.default_quota,
                                on_db_ok=engine.db_ok)
         self._replay_spool()
+        if self.server is None:
+            self.bind()
+        assert self.server is not None
+        self.server.handle_request_attrs = engine.handle
         threading.stack_size(THREAD_STACK_SIZE)
-        self.server = PolicyServer(
-            s.listen_address(), engine.handle,
-            allowed=AccessList(parse_networks(s.server.allowed_hosts)),
-            max_connections=s.server.max_connections,
-            max_request_bytes=s.server.max_request_bytes,
-            idle_timeout=s.server.idle_timeout, request_timeout=s.server.request_timeout)
         self.flusher.start()
         self._serve_thread = threading.Thread(target=self.server.serve_forever,
                                               kwargs={"poll_interval": 0.5},
@@ -121,6 +169,9 @@ class Daemon:
                  "default quota %d, key %s", __version__, host, port,
                  redact_url(s.db_url()), limits.period.value, limits.default_quota,
                  limits.key_type)
+        if self.control is not None:
+            self.control.serve(self.status_lines)
+            log.info("status on control socket %s", self.control.path)
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=listening on port {port}")
 
     def install_signal_handlers(self) -> None:
@@ -214,6 +265,8 @@ class Daemon:
             self._write_spool()
         if self.storage is not None:
             self.storage.close()
+        if self.control is not None:
+            self.control.close()
         self.decision_log.close()
         log.info("stopped")
         return 0

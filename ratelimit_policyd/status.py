@@ -43,7 +43,7 @@ def render_status(d: Daemon) -> list[str]:
           r.pending if r.loaded else f"{r.pending} (db unread)") for r in snap))]
     srv, fl, eng = d.server, d.flusher, d.engine
     st = fl.stats if fl else None
-    decided = dict(sorted(eng.stats.items()))
+    decided = dict(sorted(eng.stats.snapshot().items()))
     lines.append(
         f"stats: uptime {int(time.time() - d.started)} s, "
         f"connections open {srv.connections() if srv else 0}, "

@@ -3,16 +3,28 @@ one request in flight, replies read up to the empty line."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
 
+_instances = itertools.count(1)
+
 
 def request_bytes(**attrs: object) -> bytes:
+    """A Postfix-shaped request; each call gets a new ``instance`` (a new message)
+    unless one is given, so that it is not taken for a retry of the previous one."""
     base: dict[str, object] = {
-        "request": "smtpd_access_policy", "protocol_state": "RCPT", "protocol_name": "ESMTP",
-        "client_address": "192.0.2.10", "client_name": "client.example",
-        "queue_id": "", "instance": "1.2.3", "recipient_count": 0, "sasl_method": "PLAIN",
-        "sasl_username": "alice@example.com", "sender": "alice@example.com",
+        "request": "smtpd_access_policy",
+        "protocol_state": "RCPT",
+        "protocol_name": "ESMTP",
+        "client_address": "192.0.2.10",
+        "client_name": "client.example",
+        "queue_id": "",
+        "instance": f"test.{next(_instances)}",
+        "recipient_count": 0,
+        "sasl_method": "PLAIN",
+        "sasl_username": "alice@example.com",
+        "sender": "alice@example.com",
         "recipient": "r@remote.example",
     }
     base.update(attrs)
@@ -38,7 +50,7 @@ class PolicyClient:
         reply, _, self._buf = self._buf.partition(b"\n\n")
         text = reply.decode()
         assert text.startswith("action="), text
-        return text[len("action="):]
+        return text[len("action=") :]
 
     def ask(self, data: bytes) -> str:
         self.send(data)

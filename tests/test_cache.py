@@ -25,7 +25,12 @@ def test_miss_install_and_statuses() -> None:
     first = c.charge("a", 1, T0)
     assert first is not None
     assert (first.used, first.quota, first.over, first.status, first.loaded) == (
-        1, 2, False, INSERT, True)
+        1,
+        2,
+        False,
+        INSERT,
+        True,
+    )
     second = c.charge("a", 1, T0)
     assert second is not None and (second.used, second.status) == (2, UPDATE)
     third = c.charge("a", 1, T0)
@@ -210,3 +215,18 @@ def test_concurrent_charges_are_exact() -> None:
     for k in keys:
         row = c.peek(k)
         assert row is not None and row.used == written.get(k, 0)
+
+
+def test_retried_request_is_answered_the_same_and_counted_once() -> None:
+    c = make(default_quota=1)
+    c.install("a", None, T0)
+    token = ("inst1", "RCPT", "r@x", "a")
+    first = c.charge("a", 1, T0, token)
+    again = c.charge("a", 1, T0 + 1, token)
+    assert first == again and first is not None and not first.over
+    other = c.charge("a", 1, T0 + 1, ("inst1", "RCPT", "s@x", "a"))
+    assert other is not None and other.over and other.used == 2
+    late = c.charge("a", 1, T0 + 1000, token)  # long after: a new request
+    assert late is not None and late.used == 3
+    assert sum(d.n for d in c.drain().deltas) == 3
+

@@ -53,8 +53,9 @@ def start_stack(tmp_path: Path, limits: Limits | None = None, **server_kw: Any) 
     kw: dict[str, Any] = {"allowed": AccessList(parse_networks(["127.0.0.1", "::1"]))}
     kw.update(server_kw)
     server = PolicyServer(("127.0.0.1", 0), engine.handle, **kw)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                     daemon=True).start()
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    ).start()
     flusher.start()
     return Stack(server, engine, cache, flusher, storage)
 
@@ -98,21 +99,37 @@ def test_unauthenticated_and_other_states_are_not_counted(stack: Stack) -> None:
 
 
 def test_data_counts_recipient_count(stack: Stack) -> None:
+    data = read_fixture("data-sasl-alice-3rcpt.txt")
     with PolicyClient(stack.port) as c:
-        assert c.ask(read_fixture("data-sasl-alice-3rcpt.txt")) == "DUNNO"
-        assert c.ask(read_fixture("data-sasl-alice-3rcpt.txt")) == \
-            "471 daily message quota exceeded"  # 6 > 5
+        assert c.ask(data) == "DUNNO"
+        assert (
+            c.ask(data.replace(b"instance=", b"instance=x")) == "471 daily message quota exceeded"
+        )  # 6 > 5
+    assert stack.used("alice@example.com") == 6
+
+
+def test_postfix_retry_is_answered_the_same_and_not_counted_twice(stack: Stack) -> None:
+    # Postfix re-sends the very same request when it did not get the reply.
+    data = read_fixture("data-sasl-alice-3rcpt.txt")
+    with PolicyClient(stack.port) as c:
+        assert c.ask(data) == "DUNNO"
+    with PolicyClient(stack.port) as c:  # the retry comes on a new connection
+        assert c.ask(data) == "DUNNO"
+        assert (
+            c.ask(data.replace(b"instance=", b"instance=x")) == "471 daily message quota exceeded"
+        )
     assert stack.used("alice@example.com") == 6
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 100])
 def test_requests_split_and_pipelined(stack: Stack, chunk: int) -> None:
-    stream = b"".join(read_fixture(n) for n in ("rcpt-sasl-bob-login-1.txt",
-                                                "rcpt-unauth-1.txt",
-                                                "rcpt-sasl-carol-1.txt"))
+    stream = b"".join(
+        read_fixture(n)
+        for n in ("rcpt-sasl-bob-login-1.txt", "rcpt-unauth-1.txt", "rcpt-sasl-carol-1.txt")
+    )
     with PolicyClient(stack.port) as c:
         for i in range(0, len(stream), chunk):
-            c.send(stream[i:i + chunk])
+            c.send(stream[i : i + chunk])
         assert [c.read_reply() for _ in range(3)] == ["DUNNO"] * 3
     assert stack.used("bob@example.com") == 1
     assert stack.used("carol@other.org") == 1
@@ -210,8 +227,9 @@ def test_ipv6_listen(tmp_path: Path) -> None:
     storage = open_storage(f"sqlite:///{tmp_path}/db.sqlite3", create_schema=True)
     cache = QuotaCache(Calendar(limits.period, "UTC"), 5)
     engine = Engine(limits, cache, storage)
-    server = PolicyServer(parse_listen("[::1]:0"), engine.handle,
-                          allowed=AccessList(parse_networks(["::1"])))
+    server = PolicyServer(
+        parse_listen("[::1]:0"), engine.handle, allowed=AccessList(parse_networks(["::1"]))
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         with PolicyClient(server.port, host="::1") as c:
@@ -222,11 +240,14 @@ def test_ipv6_listen(tmp_path: Path) -> None:
         storage.close()
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("127.0.0.1:10032", ("127.0.0.1", 10032)),
-    ("[::1]:10032", ("::1", 10032)),
-    ("0.0.0.0:0", ("0.0.0.0", 0)),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("127.0.0.1:10032", ("127.0.0.1", 10032)),
+        ("[::1]:10032", ("::1", 10032)),
+        ("0.0.0.0:0", ("0.0.0.0", 0)),
+    ],
+)
 def test_parse_listen(value: str, expected: tuple[str, int]) -> None:
     assert parse_listen(value) == expected
 

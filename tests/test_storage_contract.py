@@ -296,6 +296,20 @@ def test_a_key_too_long_for_the_column_is_dropped_and_logged_the_rest_applied(
     assert "xxxxxxxx" in dropped[0].getMessage()
 
 
+def test_a_count_out_of_range_for_the_column_is_dropped_and_logged_the_rest_applied(
+    storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The database itself refuses this one (INT UNSIGNED; a CHECK in SQLite), inside a
+    # batch: only that delta is lost, the others of the same statement are applied.
+    caplog.set_level(logging.ERROR, logger="ratelimit_policyd.storage")
+    storage.apply([Delta("a@x", 1, E1), Delta("big@x", 1, E1)], default_quota=10)
+    batch = [Delta("a@x", 1, E1), Delta("big@x", 2**32, E1), Delta("c@x", 1, E1)]
+    got = storage.apply(batch, default_quota=10)
+    assert got == {"a@x": row("a@x", 10, 2, E1), "c@x": row("c@x", 10, 1, E1)}
+    assert storage.load(["big@x"]) == {"big@x": row("big@x", 10, 1, E1)}
+    assert len([r for r in caplog.records if "dropped" in r.getMessage()]) == 1
+
+
 def test_an_operator_update_is_seen_by_the_next_apply_and_load(
     backend: Backend, storage: Storage
 ) -> None:

@@ -172,21 +172,40 @@ def test_updates_of_existing_rows_consume_no_auto_increment_ids(
     # The Perl table's id is a signed INT: an upsert that burnt an id per key and flush
     # would run out within weeks on a busy server.
     assert next_id() == before
-    assert storage.load(keys[:1]) == {keys[0]: row(keys[0], 99, 20, E2, True)}
+    # 1 at E1; then the first flush resets to 1 at E2, and each later one adds 2.
+    assert storage.load(keys[:1]) == {keys[0]: row(keys[0], 99, 39, E2, True)}
 
 
 # -- values ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("prefilter", [True, False])
 def test_a_key_the_utf8mb3_column_cannot_hold_is_dropped_and_logged(
-    mysql_url: str, opened: Callable[..., Storage], caplog: pytest.LogCaptureFixture
+    mysql_url: str,
+    opened: Callable[..., Storage],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    prefilter: bool,
 ) -> None:
-    # The Perl table is utf8 (3 bytes): strict mode refuses a 4-byte character.
+    # The Perl table is utf8 (3 bytes): a 4-byte character cannot be stored, nor even
+    # compared with the column. The backend drops such a key before any SQL; without
+    # that check (a character set it does not know), the database's own errors must
+    # lead to the same result.
+    if not prefilter:
+        monkeypatch.setattr(
+            "ratelimit_policyd.storage.mysql._TableInfo.refuses", lambda self, sender: None
+        )
     caplog.set_level(logging.ERROR, logger="ratelimit_policyd.storage.mysql")
     storage = opened(mysql_url)
-    got = storage.apply([Delta("emoji\U0001f600@x", 1, E1), Delta("plain@x", 2, E1)], 10)
-    assert got == {"plain@x": row("plain@x", 10, 2, E1)}
-    assert any("dropped 1 recipient" in r.getMessage() for r in caplog.records)
+    storage.apply([Delta("plain@x", 1, E1)], 10)
+    emoji = "emoji\U0001f600@x"
+    batch = [Delta(emoji, 1, E1), Delta("plain@x", 2, E1), Delta("new@x", 1, E1)]
+    got = storage.apply(batch, 10)
+    assert got == {"plain@x": row("plain@x", 10, 3, E1), "new@x": row("new@x", 10, 1, E1)}
+    assert storage.load([emoji, "plain@x"]) == {"plain@x": row("plain@x", 10, 3, E1)}
+    assert [r.getMessage()[:30] for r in caplog.records if r.levelno == logging.ERROR] == [
+        "dropped 1 recipient(s) for key"
+    ]
 
 
 def test_strict_mode_is_set_by_the_client_whatever_the_server_default(
@@ -194,12 +213,11 @@ def test_strict_mode_is_set_by_the_client_whatever_the_server_default(
 ) -> None:
     private_db.server.execute("SET GLOBAL sql_mode = ''")
     storage = opened(private_db.url)
-    long_key = "z" * 300
-    assert storage.apply([Delta(long_key, 1, E1), Delta("ok@x", 1, E1)], 10) == {
-        "ok@x": row("ok@x", 10, 1, E1)
-    }
-    # Not truncated into a 255-character key that would count for someone else.
-    assert private_db.server.execute("SELECT sender FROM ratelimit", db="policyd") == [("ok@x",)]
+    storage.apply([Delta("big@x", 1, E1)], 10)
+    # Out of range for INT UNSIGNED: refused, where a lax server would store 4294967295.
+    got = storage.apply([Delta("big@x", 2**32, E1), Delta("ok@x", 1, E1)], 10)
+    assert got == {"ok@x": row("ok@x", 10, 1, E1)}
+    assert storage.load(["big@x"]) == {"big@x": row("big@x", 10, 1, E1)}
 
 
 # -- URLs --------------------------------------------------------------------------------

@@ -48,22 +48,36 @@ class Storage(Protocol):
     """What the daemon and the admin commands need from a database."""
 
     def init_schema(self) -> None:
-        """Create the table (and view, where the dialect has one) if absent."""
+        """Create the table and its view ``view_<table>`` if absent (idempotent).
+
+        On MySQL this needs CREATE and CREATE VIEW, which the daemon's own grants
+        (SELECT, INSERT, UPDATE, DELETE) lack: it is for ``init-db``.
+        """
 
     def check_schema(self) -> None:
         """Raise StorageError(transient=False) naming what is missing or wrong."""
 
     def load(self, senders: Sequence[str]) -> dict[str, Row]:
-        """Rows for these senders; absent senders are absent from the result."""
+        """Rows for these senders; absent senders are absent from the result.
+
+        A key the table cannot hold (too long, unrepresentable) is simply absent.
+        """
 
     def apply(self, deltas: Sequence[Delta], default_quota: int) -> dict[str, Row]:
         """Apply the deltas atomically (see ``model.Delta``); return the rows after.
 
-        One transaction per chunk; rows locked in sorted sender order so that several
-        daemons on one database cannot deadlock each other. A delta that fails on its
-        own (data error) is dropped with a logged error and not returned, so that one
-        bad key cannot block the others forever; a transient failure raises
-        StorageError and nothing of that chunk is applied.
+        All deltas of one call commit in one transaction (the SQL is chunked, the
+        transaction is not): when StorageError is raised, none of them was applied,
+        so the caller keeps them and sends the same deltas again later; a caller that
+        wants smaller transactions calls apply() once per slice. Rows are locked in
+        sorted sender order so that several daemons on one database do not deadlock
+        each other (a deadlock or lock wait timeout that happens anyway is retried
+        inside). Several deltas of one sender are applied in the order given.
+
+        A delta that fails on its own (data error: a key longer than the column, a
+        character the column cannot hold, a count out of range) is dropped with a
+        logged error, and its sender left out of the result, so that one bad key cannot
+        block the others forever.
         """
 
     def iter_rows(self) -> Iterable[Row]:

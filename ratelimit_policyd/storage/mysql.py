@@ -12,6 +12,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final, Protocol, TypeVar
 
@@ -41,8 +42,9 @@ _CONNECTION_ERRORS: Final = frozenset(
 )
 _RETRY_ERRORS: Final = frozenset({1205, 1213, 1020, 1412})  # lock wait, deadlock, ...
 _DATA_ERRORS: Final = frozenset(
-    # null, duplicate, out of range, truncated, bad date, bad string, too long, CHECK
-    {1048, 1062, 1264, 1265, 1292, 1300, 1366, 1367, 1406, 1690, 3819, 4025}
+    # null, duplicate, out of range, truncated, bad date, bad string, too long, CHECK,
+    # a string the column's character set cannot represent ("illegal mix of collations")
+    {1048, 1062, 1264, 1265, 1267, 1270, 1271, 1292, 1300, 1366, 1367, 1406, 1690, 3819, 4025}
 )
 _PERMANENT_ERRORS: Final = frozenset(
     # access denied, unknown db/column/table, syntax, command denied, bad view
@@ -110,7 +112,10 @@ class _Breaker:
             if self._down_until is None:
                 return
             if self._probing or time.monotonic() < self._down_until:
-                raise StorageError(f"database unreachable: {self._reason}", transient=True)
+                raise StorageError(
+                    f"database unreachable ({self._reason}); not retried for a moment",
+                    transient=True,
+                )
             self._probing = True
             self._local.probe = True
 
@@ -145,6 +150,31 @@ class _Connector:
         if self._breaker.holds_back():
             raise _FailFast
         return pymysql.connect(**self._kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class _TableInfo:
+    """What information_schema says about the table, looked up once per storage."""
+
+    autoinc: str | None  # the AUTO_INCREMENT column: `id` in the Perl table
+    max_length: int | None  # of the sender column: 255 in the Perl table
+    charset: str | None  # of the sender column: utf8 (3-byte) in the Perl table
+
+    def refuses(self, sender: str) -> str | None:
+        """Why the sender column cannot hold this key, or None.
+
+        Such a key is dropped before any SQL: sent in an IN list, a character the
+        column's character set lacks makes the whole statement fail, and a refused
+        multi-row upsert would be re-run row by row on every flush.
+        """
+        if self.max_length is not None and len(sender) > self.max_length:
+            return f"longer than the column's {self.max_length} characters"
+        charset = (self.charset or "").lower()
+        if charset in ("utf8", "utf8mb3") and any(ord(c) > 0xFFFF for c in sender):
+            return "a character beyond the column's 3-byte utf8 (utf8mb3)"
+        if charset == "ascii" and not sender.isascii():
+            return "not ASCII, as the column is"
+        return None
 
 
 class _Cursor(Protocol):
@@ -220,7 +250,7 @@ class MySQLStorage:
         self.database = database
         self.where = f"{database} on {unix_socket or f'{host}:{port}'}"
         self._breaker = _Breaker()
-        self._autoinc: str | bool | None = False  # False: not looked up yet
+        self._info: _TableInfo | None = None
         self._closed = False
         connector = _Connector(
             self._breaker,
@@ -228,7 +258,9 @@ class MySQLStorage:
                 "host": host,
                 "port": port,
                 "user": user,
-                "password": password,
+                # PyMySQL would encode a str password as latin-1; the server hashed the
+                # UTF-8 bytes the operator typed in a UTF-8 client.
+                "password": password.encode("utf-8"),
                 "database": database,
                 "unix_socket": unix_socket,
                 "charset": charset,
@@ -258,9 +290,9 @@ class MySQLStorage:
                 # READ COMMITTED: SELECT ... FOR UPDATE locks the rows it finds and no
                 # gaps, so daemons inserting new keys do not deadlock on gap locks.
                 "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
-                # Strict mode, whatever the server's default: a key too long for the
-                # column is an error (dropped and logged), never silently truncated
-                # into another key.
+                # Strict mode, whatever the server's default: a value the column cannot
+                # hold is an error (that delta is dropped and logged), never silently
+                # truncated into another key or clamped.
                 "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'",
                 f"SET SESSION innodb_lock_wait_timeout = {lock_wait}",
             ],
@@ -276,7 +308,9 @@ class MySQLStorage:
         # MySQL evaluates single-table SET assignments left to right, each seeing the
         # values assigned before it: expiry must be assigned last, or the other two
         # would compare against the new expiry. COALESCE: the Perl daemon's rows may
-        # hold a NULL expiry, which counts as expired.
+        # hold a NULL expiry, which counts as expired. VALUES(col) is the value the
+        # row would have been inserted with; MySQL 8.0.20+ deprecates it in favour of
+        # a row alias that MariaDB lacks, so VALUES() is what both understand.
         reset = f"COALESCE({e}, 0) < VALUES({e})"
         self._upsert_tail = (
             " ON DUPLICATE KEY UPDATE"
@@ -306,7 +340,7 @@ class MySQLStorage:
                 cur.execute(statement)
 
         self._run("create the schema", create)
-        self._autoinc = False
+        self._info = None
 
     def check_schema(self) -> None:
         """Verify the table, its columns, the UNIQUE key on the sender and the grants."""
@@ -380,10 +414,8 @@ class MySQLStorage:
             return {}
 
         def select(cur: _Cursor) -> dict[str, Row]:
-            rows: dict[str, Row] = {}
-            for start in range(0, len(unique), CHUNK):
-                rows.update(self._select_rows(cur, unique[start : start + CHUNK]))
-            return rows
+            info = self._table_info(cur)
+            return self._select_rows(cur, [s for s in unique if info.refuses(s) is None])
 
         return self._run("load rows", select)
 
@@ -393,12 +425,16 @@ class MySQLStorage:
         In sender order (stable: several deltas of one sender keep their order), the
         rows that exist are locked (SELECT ... FOR UPDATE), then updated by multi-row
         ``INSERT ... ON DUPLICATE KEY UPDATE`` statements, each sender at most once per
-        statement. Existing rows are addressed by their AUTO_INCREMENT id: an upsert by
-        sender alone would consume an id on every flush and exhaust the Perl table's
-        INT id within weeks on a busy server. A statement the table refuses (key too
-        long, invalid UTF-8 for the column, value out of range) is re-run row by row;
-        only the refused deltas are dropped and logged, their senders left out of the
-        result. Deadlocks and lock wait timeouts retry the whole call.
+        statement (a sender's second delta goes in the next statement). Existing rows
+        are addressed by their AUTO_INCREMENT id: an upsert by sender alone consumes an
+        id every time, even when it updates, and would exhaust the Perl table's INT id
+        within weeks on a busy server (and then update the wrong row).
+
+        A key the column cannot hold (too long, a character outside its character set)
+        is dropped before any SQL; a statement the table refuses anyway (a count out of
+        range) is re-run row by row and only the refused deltas are dropped. Both are
+        logged, and their senders left out of the result. Deadlocks and lock wait
+        timeouts retry the whole call.
         """
         if not deltas:
             return {}
@@ -411,74 +447,82 @@ class MySQLStorage:
         )
 
     def _apply(self, cur: _Cursor, ordered: list[Delta], default_quota: int) -> dict[str, Row]:
+        info = self._table_info(cur)
+        dropped: set[str] = set()
+        for delta in ordered:
+            reason = info.refuses(delta.sender)
+            if reason is not None:
+                _log_dropped(delta, reason)
+                dropped.add(delta.sender)
+        ordered = [d for d in ordered if d.sender not in dropped]
         senders = sorted({d.sender for d in ordered})
         ids: dict[str, int] = {}
-        autoinc = self._autoinc_column(cur)
-        if autoinc is not None:
-            lock = f"SELECT {_q(autoinc)}, {self._s} FROM {self._t} WHERE {self._s} IN "
-            for start in range(0, len(senders), CHUNK):
-                chunk = senders[start : start + CHUNK]
-                cur.execute(lock + "(" + _marks(len(chunk)) + ") FOR UPDATE", chunk)
-                ids.update((str(sender), int(key)) for key, sender in cur.fetchall())
-        dropped: set[str] = set()
+        if info.autoinc is not None:
+            # Lock the existing rows, in sender order, and learn their ids.
+            lock = f"SELECT {_q(info.autoinc)}, {self._s} FROM {self._t} WHERE {self._s} IN "
+            for key, sender in self._select_in(cur, lock, senders, " FOR UPDATE"):
+                ids[str(sender)] = int(key)
         for wave in _waves(ordered):
             known = [d for d in wave if d.sender in ids]
             new = [d for d in wave if d.sender not in ids]
             for start in range(0, len(known), CHUNK):
-                self._upsert(cur, known[start : start + CHUNK], default_quota, ids, dropped)
+                part = known[start : start + CHUNK]
+                self._upsert(cur, part, default_quota, info.autoinc, ids, dropped)
             for start in range(0, len(new), CHUNK):
-                self._upsert(cur, new[start : start + CHUNK], default_quota, None, dropped)
-        wanted = [s for s in senders if s not in dropped]
-        rows: dict[str, Row] = {}
-        for start in range(0, len(wanted), CHUNK):
-            rows.update(self._select_rows(cur, wanted[start : start + CHUNK]))
-        return rows
+                self._upsert(cur, new[start : start + CHUNK], default_quota, None, ids, dropped)
+        return self._select_rows(cur, [s for s in senders if s not in dropped])
 
     def _upsert(
         self,
         cur: _Cursor,
         deltas: Sequence[Delta],
         default_quota: int,
-        ids: dict[str, int] | None,
+        autoinc: str | None,
+        ids: dict[str, int],
         dropped: set[str],
     ) -> None:
-        """One multi-row upsert; on a data error, the same deltas one by one."""
+        """One multi-row upsert; on a data error, the same deltas one by one.
+
+        With ``autoinc``, the rows exist and are addressed by their id (``ids``).
+        """
         try:
-            cur.execute(*self._upsert_sql(deltas, default_quota, ids))
+            cur.execute(*self._upsert_sql(deltas, default_quota, autoinc, ids))
             return
         except pymysql.err.Error as exc:
             if _classify(exc) is not _Kind.DATA:
                 raise
             if len(deltas) == 1:
-                _log_dropped(deltas[0], exc)
+                _log_dropped(deltas[0], _describe(exc))
                 dropped.add(deltas[0].sender)
                 return
         # InnoDB undid only the failed statement; the transaction goes on.
         for delta in deltas:
             try:
-                cur.execute(*self._upsert_sql([delta], default_quota, ids))
+                cur.execute(*self._upsert_sql([delta], default_quota, autoinc, ids))
             except pymysql.err.Error as exc:
                 if _classify(exc) is not _Kind.DATA:
                     raise
-                _log_dropped(delta, exc)
+                _log_dropped(delta, _describe(exc))
                 dropped.add(delta.sender)
 
     def _upsert_sql(
-        self, deltas: Sequence[Delta], default_quota: int, ids: dict[str, int] | None
+        self,
+        deltas: Sequence[Delta],
+        default_quota: int,
+        autoinc: str | None,
+        ids: dict[str, int],
     ) -> tuple[str, list[object]]:
         # The VALUES list is built here rather than left to executemany(), whose
         # rewriting into one statement depends on matching the SQL with a regex.
         args: list[object] = []
-        if ids is None:
+        if autoinc is None:
             head = self._upsert_head
             for d in deltas:
                 args += (d.sender, default_quota, d.n, d.expiry)
             width = 4
         else:
-            # ids only exist when the AUTO_INCREMENT column was found.
-            assert isinstance(self._autoinc, str)
             head = self._upsert_head.replace(
-                f"INSERT INTO {self._t} (", f"INSERT INTO {self._t} ({_q(self._autoinc)}, ", 1
+                f"INSERT INTO {self._t} (", f"INSERT INTO {self._t} ({_q(autoinc)}, ", 1
             )
             for d in deltas:
                 args += (ids[d.sender], d.sender, default_quota, d.n, d.expiry)
@@ -486,18 +530,28 @@ class MySQLStorage:
         values = ", ".join(["(" + _marks(width) + ")"] * len(deltas))
         return head + values + self._upsert_tail, args
 
-    def _autoinc_column(self, cur: _Cursor) -> str | None:
-        """The table's AUTO_INCREMENT column (``id`` in the Perl table), looked up once."""
-        if self._autoinc is False:
-            cur.execute(
-                "SELECT COLUMN_NAME FROM information_schema.COLUMNS"
-                " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s"
-                " AND EXTRA LIKE %s",
-                (self.names.table, "%auto_increment%"),
-            )
-            found = cur.fetchall()
-            self._autoinc = str(found[0][0]) if found else None
-        return self._autoinc if isinstance(self._autoinc, str) else None
+    def _table_info(self, cur: _Cursor) -> _TableInfo:
+        """The table's AUTO_INCREMENT column and what its sender column can hold."""
+        if self._info is not None:
+            return self._info
+        cur.execute(
+            "SELECT COLUMN_NAME, EXTRA, CHARACTER_MAXIMUM_LENGTH, CHARACTER_SET_NAME"
+            " FROM information_schema.COLUMNS"
+            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s",
+            (self.names.table,),
+        )
+        found = cur.fetchall()
+        autoinc = max_length = charset = None
+        for name, extra, length, character_set in found:
+            if "auto_increment" in str(extra).lower():
+                autoinc = str(name)
+            if str(name).lower() == self.names.sender.lower():
+                max_length = None if length is None else int(length)
+                charset = None if character_set is None else str(character_set)
+        info = _TableInfo(autoinc, max_length, charset)
+        if found:  # no table yet: look again next time (init-db may be running)
+            self._info = info
+        return info
 
     # -- admin operations ------------------------------------------------------------
 
@@ -539,10 +593,34 @@ class MySQLStorage:
     # -- helpers ---------------------------------------------------------------------
 
     def _select_rows(self, cur: _Cursor, senders: Sequence[str]) -> dict[str, Row]:
-        if not senders:
-            return {}
-        cur.execute(self._select + "(" + _marks(len(senders)) + ")", senders)
-        return {r.sender: r for r in map(_row, cur.fetchall())}
+        found = self._select_in(cur, self._select, senders)
+        return {r.sender: r for r in map(_row, found)}
+
+    def _select_in(
+        self, cur: _Cursor, head: str, senders: Sequence[str], tail: str = ""
+    ) -> list[tuple[Any, ...]]:
+        """``head (%s, ...) tail`` for the senders, CHUNK of them per statement."""
+        found: list[tuple[Any, ...]] = []
+        for start in range(0, len(senders), CHUNK):
+            chunk = senders[start : start + CHUNK]
+            try:
+                cur.execute(head + "(" + _marks(len(chunk)) + ")" + tail, chunk)
+                found += cur.fetchall()
+                continue
+            except pymysql.err.Error as exc:
+                if _classify(exc) is not _Kind.DATA:
+                    raise
+            # One key the column's character set cannot represent fails the whole IN
+            # list. Such a key has no row: look the others up one by one.
+            for sender in chunk:
+                try:
+                    cur.execute(head + "(%s)" + tail, (sender,))
+                    found += cur.fetchall()
+                except pymysql.err.Error as exc:
+                    if _classify(exc) is not _Kind.DATA:
+                        raise
+                    log.warning("cannot look up key %.300r: %s", sender, _describe(exc))
+        return found
 
     def _ping(self, con: pymysql.connections.Connection[Any]) -> bool:
         """DBUtils' check of a connection taken from the pool."""
@@ -571,7 +649,8 @@ class MySQLStorage:
         for attempt in range(1, attempts + 1):
             self._breaker.enter()
             con: Any = None
-            reachable: bool | None = None
+            reachable: bool | None = None  # None: this call did not find out
+            reason = ""
             try:
                 con = self._pool.connection()
                 if self._breaker.holds_back():
@@ -597,6 +676,7 @@ class MySQLStorage:
             except _DRIVER_ERRORS as exc:
                 kind = _classify(exc)
                 reachable = kind is not _Kind.CONNECTION
+                reason = _describe(exc)
                 # A lost connection is not rolled back (nothing to talk to; the server
                 # undoes the transaction itself), only marked finished for the pool.
                 _end(con, rollback=reachable)
@@ -610,7 +690,7 @@ class MySQLStorage:
                     transient=kind not in (_Kind.PERMANENT, _Kind.DATA),
                 ) from exc
             finally:
-                self._breaker.leave(reachable, f"{action}: no answer from {self.where}")
+                self._breaker.leave(reachable, f"{self.where}: {reason}")
                 if con is not None:
                     try:
                         con.close()  # back to the pool
@@ -661,11 +741,11 @@ def _row(r: Sequence[Any]) -> Row:
     )
 
 
-def _log_dropped(delta: Delta, exc: BaseException) -> None:
+def _log_dropped(delta: Delta, reason: str) -> None:
     log.error(
-        "dropped %d recipient(s) for key %.300r (expiry %d): the database refused it: %s",
+        "dropped %d recipient(s) for key %.300r (expiry %d): the database refuses it: %s",
         delta.n,
         delta.sender,
         delta.expiry,
-        _describe(exc),
+        reason,
     )

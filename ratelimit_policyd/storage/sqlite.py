@@ -314,7 +314,7 @@ def _wrap(exc: BaseException, context: str) -> StorageError:
 
 def _log_dropped(delta: Delta, exc: BaseException) -> None:
     log.error(
-        "dropped %d recipient(s) for key %.300r (expiry %d): the database refused it: %s",
+        "dropped %d recipient(s) for key %.300r (expiry %d): the database refuses it: %s",
         delta.n,
         delta.sender,
         delta.expiry,
