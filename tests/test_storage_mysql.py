@@ -176,6 +176,83 @@ def test_updates_of_existing_rows_consume_no_auto_increment_ids(
     assert storage.load(keys[:1]) == {keys[0]: row(keys[0], 99, 39, E2, True)}
 
 
+# -- locks -------------------------------------------------------------------------------
+
+
+def _wait_for_lock_wait(mariadb: MariaDB, within: float = 30.0) -> None:
+    """Until some transaction waits for a row lock (the storage's, in these tests)."""
+    deadline = time.monotonic() + within
+    query = "SELECT COUNT(*) FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT'"
+    while mariadb.execute(query)[0][0] == 0:
+        assert time.monotonic() < deadline, "the storage never waited for the lock"
+        time.sleep(0.02)
+
+
+def test_a_deadlock_victim_is_retried_and_counts_once(
+    mariadb: MariaDB,
+    mysql_db: str,
+    mysql_url: str,
+    opened: Callable[..., Storage],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="ratelimit_policyd.storage.mysql")
+    storage = opened(mysql_url)
+    storage.apply([Delta("a@x", 1, E1), Delta("z@x", 1, E1)], 10)
+    mariadb.execute("CREATE TABLE weight (n INT) ENGINE=InnoDB", db=mysql_db)
+    operator = mariadb.connect(mysql_db)
+    try:
+        operator.autocommit(False)
+        with operator.cursor() as cur:
+            # Heavier than the storage's transaction, so InnoDB picks the storage's as
+            # the deadlock victim.
+            cur.execute("INSERT INTO weight VALUES " + ", ".join(["(1)"] * 200))
+            cur.execute("SELECT used FROM ratelimit WHERE sender = 'z@x' FOR UPDATE")
+            with ThreadPoolExecutor(1) as pool:
+                # Locks a@x, then waits for z@x ...
+                future = pool.submit(storage.apply, [Delta("a@x", 2, E1), Delta("z@x", 3, E1)], 10)
+                _wait_for_lock_wait(mariadb)
+                # ... while the operator now wants a@x: a deadlock.
+                cur.execute("SELECT used FROM ratelimit WHERE sender = 'a@x' FOR UPDATE")
+                operator.commit()
+                got = future.result(timeout=60)
+    finally:
+        operator.close()
+    assert got == {"a@x": row("a@x", 10, 3, E1), "z@x": row("z@x", 10, 4, E1)}
+    assert any(
+        "Deadlock" in r.getMessage() and "retrying" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_a_lock_held_too_long_fails_the_apply_with_nothing_applied(
+    mariadb: MariaDB, mysql_db: str, mysql_url: str, opened: Callable[..., Storage]
+) -> None:
+    storage = opened(mysql_url, read_timeout=2)  # lock waits give up after 1 s
+    storage.apply([Delta("a@x", 1, E1), Delta("z@x", 1, E1)], 10)
+    operator = mariadb.connect(mysql_db)
+    try:
+        operator.autocommit(False)
+        with operator.cursor() as cur:
+            cur.execute("SELECT used FROM ratelimit WHERE sender = 'z@x' FOR UPDATE")
+            with pytest.raises(StorageError, match="Lock wait timeout") as info:
+                storage.apply([Delta("a@x", 5, E1), Delta("z@x", 5, E1), Delta("n@x", 5, E1)], 10)
+            assert info.value.transient is True
+        operator.rollback()
+    finally:
+        operator.close()
+    # a@x was updated and n@x inserted before the wait: all of it was rolled back, so
+    # sending the same deltas again (as the flusher does) counts them exactly once.
+    assert storage.load(["a@x", "z@x", "n@x"]) == {
+        "a@x": row("a@x", 10, 1, E1),
+        "z@x": row("z@x", 10, 1, E1),
+    }
+    storage.apply([Delta("a@x", 5, E1), Delta("z@x", 5, E1), Delta("n@x", 5, E1)], 10)
+    assert {k: r.used for k, r in storage.load(["a@x", "z@x", "n@x"]).items()} == {
+        "a@x": 6,
+        "z@x": 6,
+        "n@x": 5,
+    }
+
+
 # -- values ------------------------------------------------------------------------------
 
 
@@ -203,9 +280,12 @@ def test_a_key_the_utf8mb3_column_cannot_hold_is_dropped_and_logged(
     got = storage.apply(batch, 10)
     assert got == {"plain@x": row("plain@x", 10, 3, E1), "new@x": row("new@x", 10, 1, E1)}
     assert storage.load([emoji, "plain@x"]) == {"plain@x": row("plain@x", 10, 3, E1)}
-    assert [r.getMessage()[:30] for r in caplog.records if r.levelno == logging.ERROR] == [
-        "dropped 1 recipient(s) for key"
-    ]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].startswith("dropped 1 recipient(s) for key 'emoji")
+    # Refused up front, or by the server (error 1366, incorrect string value).
+    assert ("3-byte utf8" in errors[0]) is prefilter
+    assert ("MySQL error 1366" in errors[0]) is not prefilter
 
 
 def test_strict_mode_is_set_by_the_client_whatever_the_server_default(

@@ -717,7 +717,10 @@ def _waves(ordered: Sequence[Delta]) -> list[list[Delta]]:
     """Split sorted deltas so that each sender appears at most once per wave.
 
     Wave k holds the k-th delta of every sender that has one; waves run in order,
-    so a sender's old-window delta is applied before its new-window one.
+    so a sender's old-window delta is applied before its new-window one. (MariaDB
+    also applies the rows of one multi-row upsert in order, but the result then rests
+    on each server's handling of a key repeated within a statement; the split costs
+    a statement only when a key has deltas of two windows, around a boundary.)
     """
     waves: list[list[Delta]] = []
     seen: dict[str, int] = {}

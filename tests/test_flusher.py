@@ -1,0 +1,85 @@
+"""flusher: the cache written through to a real SQLite database under concurrent load."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from ratelimit_policyd.cache import QuotaCache
+from ratelimit_policyd.flusher import Flusher
+from ratelimit_policyd.model import Period
+from ratelimit_policyd.storage import open_storage
+from ratelimit_policyd.window import Calendar
+
+pytestmark = pytest.mark.timeout(120)
+NOW = 1_700_000_000.0
+
+
+def db_used(path: Path) -> dict[str, int]:
+    with sqlite3.connect(path) as con:
+        return dict(con.execute("SELECT sender, used FROM ratelimit").fetchall())
+
+
+def test_concurrent_charges_with_a_running_flusher_are_exact(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    storage = open_storage(f"sqlite:///{path}", create_schema=True)
+    cache = QuotaCache(Calendar(Period.DAILY, "UTC"), 10**9)
+    flusher = Flusher(cache, storage, 0.01, default_quota=lambda: 10**9)
+    flusher.start()
+    keys = [f"u{i}@example.com" for i in range(50)]
+    sent: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def worker(seed: int) -> None:
+        rnd = random.Random(seed)
+        mine: dict[str, int] = {}
+        for _ in range(3000):
+            key = rnd.choice(keys)
+            n = rnd.randint(1, 3)
+            if cache.charge(key, n, NOW) is None:
+                cache.install(key, storage.load([key]).get(key), NOW)
+                assert cache.charge(key, n, NOW) is not None
+            mine[key] = mine.get(key, 0) + n
+        with lock:
+            for k, v in mine.items():
+                sent[k] = sent.get(k, 0) + v
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert flusher.close(10.0)
+    storage.close()
+    assert db_used(path) == sent
+    assert flusher.stats.rounds > 1  # it really ran while the workers charged
+
+
+def test_failed_flush_keeps_counts_and_writes_them_later(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    storage = open_storage(f"sqlite:///{path}", create_schema=True)
+    cache = QuotaCache(Calendar(Period.DAILY, "UTC"), 100)
+    flusher = Flusher(cache, storage, 3600, default_quota=lambda: 100)
+    cache.install("a@x", None, NOW)
+    cache.charge("a@x", 5, NOW)
+    # Another process holds the write lock: the flush cannot write (busy), and must
+    # put the counts back instead of losing them.
+    blocker = sqlite3.connect(path, timeout=0)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        ok = flusher.flush_once()
+    finally:
+        blocker.rollback()
+        blocker.close()
+    if ok:
+        pytest.fail("the flush should have failed while the database was locked")
+    assert cache.pending_total() == 5
+    assert not flusher.stats.last_ok
+    cache.charge("a@x", 2, NOW)
+    assert flusher.flush_once()
+    storage.close()
+    assert db_used(path) == {"a@x": 7}
