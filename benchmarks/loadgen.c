@@ -138,10 +138,10 @@ static double self_cpu_s(void)
 /* busy, interrupt (irq + softirq) and total jiffies of the whole machine, from
  * /proc/stat; loopback TCP work done in softirq context is charged to no process */
 static void machine_ticks(unsigned long long *busy, unsigned long long *intr,
-                          unsigned long long *total)
+                          unsigned long long *steal, unsigned long long *total)
 {
     unsigned long long v[8] = {0};
-    *busy = *intr = *total = 0;
+    *busy = *intr = *steal = *total = 0;
     FILE *f = fopen("/proc/stat", "r");
     if (!f) return;
     int got = fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2],
@@ -151,6 +151,7 @@ static void machine_ticks(unsigned long long *busy, unsigned long long *intr,
     for (int i = 0; i < 8; i++) *total += v[i];
     *busy = *total - v[3] - v[4]; /* minus idle and iowait */
     *intr = v[5] + v[6];
+    *steal = v[7]; /* time the hypervisor gave to other guests */
 }
 
 static int tcp_listen(const char *host, int port)
@@ -660,7 +661,7 @@ static int run_main(void)
     uint64_t timeout_ns = (uint64_t)(o_timeout_ms * 1e6);
     double cpu0 = 0, cpu1 = 0;
     long long ticks0[MAX_WATCH], ticks1[MAX_WATCH];
-    unsigned long long mb0 = 0, mi0 = 0, mt0 = 0, mb1 = 0, mi1 = 0, mt1 = 0;
+    unsigned long long mb0 = 0, mi0 = 0, ms0 = 0, mt0 = 0, mb1 = 0, mi1 = 0, ms1 = 0, mt1 = 0;
     uint64_t progress_last = 0, ramp_ns = 0;
     int all_up = 0;
     struct epoll_event evs[512];
@@ -679,7 +680,7 @@ static int run_main(void)
             win_start = now;
             cpu0 = self_cpu_s();
             for (int i = 0; i < o_npids; i++) ticks0[i] = proc_ticks(o_pids[i]);
-            machine_ticks(&mb0, &mi0, &mt0);
+            machine_ticks(&mb0, &mi0, &ms0, &mt0);
             next_progress = now + (uint64_t)(o_progress * 1e9);
             /* connections parked while nothing could be sent resume here */
             for (int i = 0; i < o_conns; i++)
@@ -693,7 +694,7 @@ static int run_main(void)
             win_end = now;
             cpu1 = self_cpu_s();
             for (int i = 0; i < o_npids; i++) ticks1[i] = proc_ticks(o_pids[i]);
-            machine_ticks(&mb1, &mi1, &mt1);
+            machine_ticks(&mb1, &mi1, &ms1, &mt1);
             drain_end = now + (uint64_t)(o_drain_s * 1e9);
         }
         if (phase == PH_DRAIN) {
@@ -797,9 +798,11 @@ static int run_main(void)
         printf("%s{\"pid\":%d,\"cpu_s\":%.3f}", i ? "," : "", o_pids[i], s);
     }
     double mt = mt1 > mt0 ? (double)(mt1 - mt0) : 0.0;
-    printf("],\"machine_busy_pct\":%.1f,\"machine_intr_pct\":%.1f,\"ncpu\":%ld}\n",
+    printf("],\"machine_busy_pct\":%.1f,\"machine_intr_pct\":%.1f,\"machine_steal_pct\":%.1f,"
+           "\"ncpu\":%ld}\n",
            mt > 0 ? 100.0 * (double)(mb1 - mb0) / mt : 0.0,
-           mt > 0 ? 100.0 * (double)(mi1 - mi0) / mt : 0.0, sysconf(_SC_NPROCESSORS_ONLN));
+           mt > 0 ? 100.0 * (double)(mi1 - mi0) / mt : 0.0,
+           mt > 0 ? 100.0 * (double)(ms1 - ms0) / mt : 0.0, sysconf(_SC_NPROCESSORS_ONLN));
     return 0;
 }
 

@@ -71,6 +71,7 @@ class Plan:
     cold_frac: float
     flush_senders: int | None
     quick: bool
+    repeat: int
     matrix: bool
     keep: bool
     check_targets: bool
@@ -123,6 +124,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Plan:
     p.add_argument("--flush-senders", type=int, metavar="N",
                    help="extra scenario: N dirty senders, then SIGTERM; reports the final "
                         "flush and the startup time on the filled database")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of the main table; each cell shows the round with the median "
+                        "rate (all rounds are in the JSON) (default %(default)s)")
     p.add_argument("--no-matrix", action="store_true",
                    help="skip the main table; run only the extra scenarios asked for")
     p.add_argument("--daemon-arg", action="append", default=[],
@@ -164,6 +168,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Plan:
         cold_frac=a.cold_frac,
         flush_senders=a.flush_senders,
         quick=a.quick,
+        repeat=max(1, a.repeat),
         matrix=not a.no_matrix,
         keep=a.keep,
         check_targets=a.check_targets,
@@ -189,6 +194,33 @@ def proc_status(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "VmHWM", "Threads"):
                 out[key] = int(value.split()[0])
     return out
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process (all threads), in clock ticks; 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def settle(pids: Sequence[int], limit: float = 10.0) -> tuple[float, float]:
+    """Wait until these processes are quiet (< 5% of a CPU over 200 ms).
+
+    Work a server defers (a flush, a log writer catching up) must not run into the next
+    cell unseen. Returns (seconds waited, CPU seconds they used meanwhile).
+    """
+    hz = os.sysconf("SC_CLK_TCK")
+    t0, start = time.monotonic(), sum(cpu_ticks(p) for p in pids)
+    prev = start
+    while time.monotonic() - t0 < limit:
+        time.sleep(0.2)
+        now = sum(cpu_ticks(p) for p in pids)
+        if (now - prev) / hz < 0.01:
+            break
+        prev = now
+    return time.monotonic() - t0, (prev - start) / hz
 
 
 def count_lines(path: Path) -> int:
@@ -607,9 +639,19 @@ class Bench:
     def measure(self, srv: Server, conns: int, *, label: str | None = None,
                 cold_frac: float = 0.0, scenario: str = "matrix") -> Json:
         pids = [pid for _, pid in srv.watch]
+        # the other servers started for the interleaved table sit idle meanwhile; what
+        # they still use (a flusher's rounds) is measured, not blamed on other jobs
+        bystanders = [p.pid for p in Service.live
+                      if p.proc is not None and p.pid not in pids and p.proc.poll() is None]
+        idle0 = sum(cpu_ticks(p) for p in bystanders)
         out = self.gen.run(srv.port, conns=conns, label=label or f"{srv.name}-c{conns}",
                            pids=pids, cold_frac=cold_frac)
+        idle_cpu = (sum(cpu_ticks(p) for p in bystanders) - idle0) / os.sysconf("SC_CLK_TCK")
         cell = summarize(out, srv, scenario)
+        cell["bystander_cpu_pct"] = round(100 * idle_cpu / out["window_s"], 1)
+        cell["foreign_cpu_pct"] = round(max(0.0, cell["foreign_cpu_pct"]
+                                            - cell["bystander_cpu_pct"]), 1)
+        cell["settle_s"], cell["settle_cpu_s"] = settle([pid for _, pid in srv.watch])
         status = proc_status(srv.service.pid)
         cell.update(rss_kb=status.get("VmRSS"), hwm_kb=status.get("VmHWM"),
                     threads=status.get("Threads"))
@@ -671,36 +713,52 @@ class Bench:
     # -- the matrix -----------------------------------------------------------
 
     def run_matrix(self) -> None:
+        """Start every server, then measure them interleaved, one connection count at a
+        time, so that a change in the machine's background load hits all of them alike
+        (the box is shared) instead of skewing one server's column."""
         plan = self.plan
-        for name in plan.refs:
-            conns = plan.capacity_conns if name in CAPACITY_REFS else plan.conns
-            self._bench_server(lambda name=name: self.start_ref(name), conns, prime=False)
+        servers: list[Server] = []
+        starters: list[tuple[str, Any, bool]] = [
+            (name, lambda name=name: self.start_ref(name), False) for name in plan.refs]
         for backend in plan.backends:
             if not self.daemon_ok:
                 self.problem(f"daemon on {backend}: N/A, {self.daemon_why}")
                 continue
-            self._bench_server(lambda b=backend: self.start_daemon(b), plan.conns, prime=True)
-
-    def _bench_server(self, start: Any, conns: Sequence[int], *, prime: bool) -> None:
+            starters.append((backend, lambda b=backend: self.start_daemon(b), True))
         try:
-            srv: Server = start()
-        except BenchError as exc:
-            self.problem(str(exc))
-            return
-        log(f"{srv.name}: accepting after {srv.info['startup_s']:.3f} s")
-        try:
-            if prime:
-                srv.info["prime"] = self.prime(srv, self.plan.senders)
-            for c in conns:
-                self.record["cells"].append(self.measure(srv, c))
-        except (BenchError, subprocess.TimeoutExpired) as exc:
-            self.problem(f"{srv.name}: {exc}")
+            for name, start, prime in starters:
+                try:
+                    srv: Server = start()
+                    log(f"{srv.name}: accepting after {srv.info['startup_s']:.3f} s")
+                    servers.append(srv)
+                    if prime:
+                        srv.info["prime"] = self.prime(srv, plan.senders)
+                except BenchError as exc:
+                    self.problem(f"{name}: {exc}")
+            broken: set[str] = set()
+            for rnd in range(plan.repeat):
+                for conns in plan.conns:
+                    for srv in servers:
+                        if srv.name in broken or (srv.name in CAPACITY_REFS
+                                                  and conns not in plan.capacity_conns):
+                            continue
+                        try:
+                            cell = self.measure(srv, conns)
+                        except BenchError as exc:
+                            self.problem(f"{srv.name}: {exc}")
+                            broken.add(srv.name)
+                            continue
+                        cell["round"] = rnd
+                        self.record["cells"].append(cell)
         finally:
-            self.stop(srv)
-        if srv.kind == "daemon":
-            with contextlib.suppress(Exception):
-                srv.info["db"] = self.check_db(srv)
-        self.record["servers"].append({"name": srv.name, "kind": srv.kind, **srv.info})
+            for srv in servers:
+                self.stop(srv)
+                if srv.kind == "daemon":
+                    try:
+                        srv.info["db"] = self.check_db(srv)
+                    except Exception as exc:  # the report must still be written
+                        self.problem(f"{srv.name}: cannot read the database: {exc}")
+                self.record["servers"].append({"name": srv.name, "kind": srv.kind, **srv.info})
 
     # -- extra scenarios ------------------------------------------------------
 
@@ -833,9 +891,8 @@ def summarize(out: Json, srv: Server, scenario: str) -> Json:
         "scenario": scenario, "server": srv.name, "kind": srv.kind, "label": out["label"],
         "conns": out["conns"], "rate": out["rate"], "window_s": win, "ramp_s": out["ramp_s"],
         "decisions": out["window_replies"],
-        "p50_ms": lat["p50_us"] / 1000, "p90_ms": lat["p90_us"] / 1000,
-        "p99_ms": lat["p99_us"] / 1000, "p999_ms": lat["p999_us"] / 1000,
-        "max_ms": lat["max_us"] / 1000, "mean_ms": lat["mean_us"] / 1000,
+        **{f"{k}_ms": round(lat[f"{k}_us"] / 1000, 4)
+           for k in ("p50", "p90", "p99", "p999", "max", "mean")},
         "hot": out["latency_hot"], "cold": out["latency_cold"],
         "server_cpu_us": (round(cpu["server"] * 1e6 / n, 1) if cpu.get("server", -1) >= 0
                           else None),
@@ -851,7 +908,8 @@ def summarize(out: Json, srv: Server, scenario: str) -> Json:
     # interrupts (loopback TCP runs partly in softirq, charged to no process): other
     # jobs on a shared box. A noise indicator, in percent of one CPU.
     ours = sum(max(v, 0.0) for v in cpu.values()) + out["loadgen_cpu_s"]
-    busy = ((out["machine_busy_pct"] - out["machine_intr_pct"]) / 100 * out["ncpu"] * win)
+    busy = ((out["machine_busy_pct"] - out["machine_intr_pct"] - out["machine_steal_pct"])
+            / 100 * out["ncpu"] * win)
     cell["foreign_cpu_pct"] = round(max(0.0, busy - ours) * 100 / win, 1)
     for role, secs in cpu.items():
         if role != "server":
@@ -870,9 +928,26 @@ def fmt(v: Any, spec: str = ".2f") -> str:
     return str(v)
 
 
+def median_cells(record: Json) -> list[Json]:
+    """One cell per (server, conns): the round with the median rate, with the spread."""
+    groups: dict[tuple[str, int], list[Json]] = {}
+    for c in record["cells"]:
+        if c["scenario"] == "matrix":
+            groups.setdefault((c["server"], c["conns"]), []).append(c)
+    order = {name: i for i, name in enumerate(REFS + DAEMONS)}
+    out = []
+    for key in sorted(groups, key=lambda k: (order.get(k[0], 99), k[1])):
+        rounds = sorted(groups[key], key=lambda c: c["rate"])
+        cell = dict(rounds[(len(rounds) - 1) // 2])
+        cell["rounds"] = len(rounds)
+        cell["rate_min"], cell["rate_max"] = rounds[0]["rate"], rounds[-1]["rate"]
+        out.append(cell)
+    return out
+
+
 def render(record: Json) -> str:
     plan = record["meta"]["plan"]
-    cells = [c for c in record["cells"] if c["scenario"] == "matrix"]
+    cells = median_cells(record)
     L: list[str] = []
     L.append(f"# ratelimit-policyd benchmark ({record['meta']['started']}, "
              f"git {record['meta']['git'] or 'uncommitted'})")
@@ -881,7 +956,10 @@ def render(record: Json) -> str:
              f"{plan['state']} requests ({record['meta']['template']}), "
              f"{plan['senders']} senders ({plan['dist']}), quota {plan['quota']}, "
              f"flush interval {plan['flush_interval']} s, per-request log line on; "
-             f"{plan['duration']} s per cell after {plan['warmup']} s warm-up. "
+             f"{plan['duration']} s per cell after {plan['warmup']} s warm-up"
+             + (f", median of {plan['repeat']} rounds (min-max in brackets)"
+                if plan.get("repeat", 1) > 1 else "") + ". "
+             "Servers are measured interleaved at each connection count. "
              "Latency: request written to reply read, closed loop, one request in flight "
              "per connection.")
     L.append("")
@@ -919,7 +997,10 @@ def render_matrix(cells: list[Json]) -> list[str]:
                  if c["server"] != "readline" and base.get(c["conns"]) else "")
         rss = (f"{c['rss_kb'] / 1024:.0f} ({c['hwm_kb'] / 1024:.0f})"
                if c.get("rss_kb") and c.get("hwm_kb") else "N/A")
-        L.append(f"| {c['server']} | {c['conns']} | {c['rate']:.0f} | {ratio} "
+        rate = f"{c['rate']:.0f}"
+        if c["rounds"] > 1:
+            rate += f" ({c['rate_min']:.0f}-{c['rate_max']:.0f})"
+        L.append(f"| {c['server']} | {c['conns']} | {rate} | {ratio} "
                  f"| {c['p50_ms']:.2f} | {c['p99_ms']:.2f} | {c['p999_ms']:.2f} "
                  f"| {c['max_ms']:.1f} | {fmt(c['server_cpu_us'], '.0f')} "
                  f"| {fmt(c['server_cpu_pct'], '.0f')} | {fmt(c.get('mariadbd_cpu_us'), '.0f')} "
@@ -1113,7 +1194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if record["problems"]:
         return 1
     if plan.check_targets and "FAIL" in "\n".join(render_targets(
-            [c for c in record["cells"] if c["scenario"] == "matrix"], record["meta"]["plan"])):
+            median_cells(record), record["meta"]["plan"])):
         return 1
     return 0
 

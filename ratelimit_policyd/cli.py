@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from ratelimit_policyd import __version__
 from ratelimit_policyd.config import (
@@ -163,8 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list keys")
     _add_common(p)
     p.add_argument("--over-quota", action="store_true", help="only keys at or over quota")
-    p.add_argument("--top", type=int, metavar="N", help="the N keys with the highest usage")
+    p.add_argument("--top", type=_positive_int, metavar="N",
+                   help="the N keys with the highest usage")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,15 +277,39 @@ def _cmd_admin(ns: argparse.Namespace, settings: Settings) -> int:
     from ratelimit_policyd.storage import open_storage
     from ratelimit_policyd.storage.base import StorageError
 
+    url = settings.db_url()
+    if ns.command != "init-db" and url.startswith("sqlite:"):
+        # Opening an SQLite file creates it: a wrong --db/--state-dir would otherwise
+        # show an empty table instead of an error (and leave a stray database behind).
+        path = "/" + unquote(urlsplit(url).path).lstrip("/")
+        if not os.path.exists(path):
+            print(f"ratelimit-policyd: no database at {path} (start the daemon once or run "
+                  "init-db; check --config, --db and --state-dir)", file=sys.stderr)
+            return os.EX_NOINPUT
+    limits = settings.policy_limits()
+    if ns.command == "set-quota" and not 0 <= ns.quota <= MAX_QUOTA:
+        print(f"ratelimit-policyd: quota must be between 0 and {MAX_QUOTA}, got {ns.quota}",
+              file=sys.stderr)
+        return os.EX_USAGE
+    key = getattr(ns, "key", None)
+    if key is not None:
+        key = key.strip()
+        key = key.lower() if limits.lowercase_keys else key
+        if not key or len(key) > limits.max_key_length:
+            print(f"ratelimit-policyd: a key has 1 to {limits.max_key_length} characters, "
+                  f"got {len(key)}", file=sys.stderr)
+            return os.EX_USAGE
     try:
-        storage = open_storage(settings.db_url(), names=settings.table_names(),
+        storage = open_storage(url, names=settings.table_names(),
                                password=settings.db_password(), pool_size=1,
                                connect_timeout=settings.database.connect_timeout,
                                read_timeout=settings.database.read_timeout)
     except (StorageError, ValueError) as exc:
         print(f"ratelimit-policyd: database: {exc}", file=sys.stderr)
         return os.EX_UNAVAILABLE
-    limits = settings.policy_limits()
+    except OSError as exc:  # the password file
+        print(f"ratelimit-policyd: {exc}", file=sys.stderr)
+        return os.EX_NOINPUT
     try:
         if ns.command == "init-db":
             storage.init_schema()
@@ -292,7 +328,7 @@ def _cmd_admin(ns: argparse.Namespace, settings: Settings) -> int:
             for line in rows_table(rows):
                 print(line)
             return os.EX_OK
-        key = ns.key.lower() if limits.lowercase_keys else ns.key
+        assert key is not None
         if ns.command == "show":
             row = storage.load([key]).get(key)
             if row is None:
@@ -303,9 +339,6 @@ def _cmd_admin(ns: argparse.Namespace, settings: Settings) -> int:
                 print(line)
             return os.EX_OK
         if ns.command == "set-quota":
-            if ns.quota < 0:
-                print("ratelimit-policyd: quota must be 0 or more", file=sys.stderr)
-                return os.EX_USAGE
             row = storage.set_quota(key, ns.quota, ns.persist,
                                     settings.calendar().next_boundary(time.time()))
             for line in rows_table([row]):

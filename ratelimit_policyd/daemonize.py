@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import unquote, urlsplit
 
 import daemon as python_daemon
 
@@ -239,8 +240,8 @@ def prepare_paths(settings: Settings, acct: Account | None, pidfile: Path | None
         if pidfile is not None:
             _ensure_dir(pidfile.parent, acct)
         url = settings.db_url()
-        if acct is not None and url.startswith("sqlite:///"):
-            db = Path(url[len("sqlite://"):].split("?", 1)[0])
+        if acct is not None and url.startswith("sqlite:"):
+            db = Path("/" + unquote(urlsplit(url).path).lstrip("/"))
             for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-journal")):
                 if p.exists():
                     _own(p, acct)

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -146,7 +147,11 @@ class MariaDB:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                # PDEATHSIG follows the thread that forks, not the process: only tie the
+                # server to the main thread, which lives as long as the test run.
+                preexec_fn=_die_with_parent
+                if sys.platform == "linux" and threading.current_thread() is threading.main_thread()
+                else None,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -195,7 +200,13 @@ class MariaDB:
             proc.kill()
             proc.wait()
 
+    def discard(self) -> None:
+        """Stop, and delete the datadir (26 MB a copy); the error log stays for reading."""
+        self.stop()
+        shutil.rmtree(self.datadir, ignore_errors=True)
+
     def restart(self) -> None:
+        """Stop and start again, on the same port (unless another process took it)."""
         self.stop()
         self.start()
 
@@ -327,7 +338,7 @@ def mariadb(
     try:
         yield db
     finally:
-        db.stop()
+        db.discard()
 
 
 @pytest.fixture
@@ -347,7 +358,7 @@ def private_mariadb(
         yield start
     finally:
         for db in started:
-            db.stop()
+            db.discard()
 
 
 @pytest.fixture

@@ -65,6 +65,11 @@ class Backend:
     def _open(self, **kwargs: Any) -> Storage:
         raise NotImplementedError
 
+    @property
+    def admin_url(self) -> str:
+        """URL for a user that may create tables (what init-db runs with)."""
+        raise NotImplementedError
+
     def sql(self, statement: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         """Raw SQL, written with %s placeholders."""
         raise NotImplementedError
@@ -84,6 +89,10 @@ class SQLiteBackend(Backend):
     @property
     def url(self) -> str:
         return f"sqlite://{self.path}"
+
+    @property
+    def admin_url(self) -> str:
+        return self.url
 
     def _open(self, **kwargs: Any) -> Storage:
         return open_storage(kwargs.pop("url", self.url), **kwargs)
@@ -127,8 +136,8 @@ class MySQLBackend(Backend):
         )
 
     @property
-    def root_url(self) -> str:
-        return self.server.url(self.db)
+    def admin_url(self) -> str:
+        return self.server.url(self.db)  # root: init-db needs CREATE
 
 
 @pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
@@ -308,6 +317,27 @@ def test_a_count_out_of_range_for_the_column_is_dropped_and_logged_the_rest_appl
     assert got == {"a@x": row("a@x", 10, 2, E1), "c@x": row("c@x", 10, 1, E1)}
     assert storage.load(["big@x"]) == {"big@x": row("big@x", 10, 1, E1)}
     assert len([r for r in caplog.records if "dropped" in r.getMessage()]) == 1
+
+
+def test_a_key_that_is_not_unicode_text_is_dropped_and_logged(
+    storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="ratelimit_policyd.storage")
+    bad = "lone\udc80surrogate@x"
+    got = storage.apply([Delta(bad, 1, E1), Delta("ok@x", 1, E1)], default_quota=10)
+    assert got == {"ok@x": row("ok@x", 10, 1, E1)}
+    assert storage.load([bad, "ok@x"]) == {"ok@x": row("ok@x", 10, 1, E1)}
+    assert len([r for r in caplog.records if "dropped" in r.getMessage()]) == 1
+    # An admin command given such a key (argv is decoded with surrogateescape) gets a
+    # StorageError, not a driver's exception.
+    for call in (
+        lambda: storage.set_quota(bad, 5, True, E1),
+        lambda: storage.reset(bad),
+        lambda: storage.delete(bad),
+    ):
+        with pytest.raises(StorageError) as info:
+            call()
+        assert info.value.transient is False
 
 
 def test_an_operator_update_is_seen_by_the_next_apply_and_load(
@@ -499,8 +529,7 @@ def test_configured_table_and_column_names(backend: Backend) -> None:
         persist="keep",
         updated="touched",
     )
-    url = backend.root_url if isinstance(backend, MySQLBackend) else backend.url
-    custom = backend.open(url=url, names=names, create_schema=True)
+    custom = backend.open(url=backend.admin_url, names=names, create_schema=True)
     custom.check_schema()
     got = custom.apply([Delta("a@x", 2, E1), Delta("a@x", 3, E2)], default_quota=10)
     assert got == {"a@x": row("a@x", 10, 3, E2)}
@@ -556,8 +585,11 @@ def test_sqlite_url_is_percent_decoded(tmp_path: Path) -> None:
         ("mysql://h/db", "a user is required"),
         ("mysql://u@h/", "name one database"),
         ("mysql://u@h/a/b", "name one database"),
-        ("mysql://u@h:99999/db", "port"),
-        ("mysql://u@h:x/db", "port"),
+        ("mysql://u:secret@h:99999/db", "malformed database URL: Port out of range"),
+        ("mysql://u:secret@h:x/db", "malformed database URL: Port could not be cast"),
+        ("mysql://u@h:0/db", "port must be 1-65535"),
+        ("mysql://u:secret@[::1/db", "malformed database URL: Invalid IPv6 URL"),
+        ("mysql://u@h/db?unix_socket", "malformed query string"),
         ("mysql://u:secret@h/db?timeout=3", "unknown parameter"),
         ("mysql://u@/db", "a host or ?unix_socket"),
         ("mysql://u@h/db?charset=klingon", "charset"),

@@ -45,7 +45,12 @@ def open_storage(
         raise ValueError(f"pool_size must be at least 1, not {pool_size}")
     if connect_timeout <= 0 or read_timeout <= 0:
         raise ValueError("connect_timeout and read_timeout must be positive")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # parses the port: a bad one raises here
+    except ValueError as exc:
+        # Not echoing the URL: it may hold a password.
+        raise ValueError(f"malformed database URL: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme == "sqlite":
         return _open_sqlite(url, names, read_timeout, create_schema)
@@ -95,10 +100,9 @@ def _open_mysql(
 ) -> Storage:
     parts = urlsplit(url)
     shown = _redact(url)
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"bad MySQL URL {shown!r}: the port is not a number 1-65535") from None
+    port = parts.port
+    if port == 0:
+        raise ValueError(f"bad MySQL URL {shown!r}: the port must be 1-65535")
     user = unquote(parts.username or "")
     if not user:
         raise ValueError(f"bad MySQL URL {shown!r}: a user is required (mysql://user@host/db)")
@@ -110,9 +114,7 @@ def _open_mysql(
     try:
         query = dict(parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True))
     except ValueError:
-        if parts.query:
-            raise ValueError(f"bad MySQL URL {shown!r}: malformed query string") from None
-        query = {}
+        raise ValueError(f"bad MySQL URL {shown!r}: malformed query string") from None
     unknown = sorted(set(query) - set(_MYSQL_QUERY_KEYS))
     if unknown:
         raise ValueError(

@@ -61,6 +61,8 @@ class _Kind(Enum):
 
 
 def _classify(exc: BaseException) -> _Kind:
+    if isinstance(exc, UnicodeEncodeError):
+        return _Kind.DATA  # a str that is not UTF-8 text, refused by the driver
     if isinstance(exc, pymysql.err.InterfaceError | OSError):
         return _Kind.CONNECTION
     code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
@@ -81,7 +83,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-_DRIVER_ERRORS: Final = (pymysql.err.Error, PooledDBError, OSError)
+_DRIVER_ERRORS: Final = (pymysql.err.Error, PooledDBError, OSError, UnicodeEncodeError)
 
 
 class _FailFast(Exception):
@@ -167,6 +169,10 @@ class _TableInfo:
         column's character set lacks makes the whole statement fail, and a refused
         multi-row upsert would be re-run row by row on every flush.
         """
+        try:
+            sender.encode("utf-8")
+        except UnicodeEncodeError:
+            return "not UTF-8 text (a lone surrogate)"
         if self.max_length is not None and len(sender) > self.max_length:
             return f"longer than the column's {self.max_length} characters"
         charset = (self.charset or "").lower()

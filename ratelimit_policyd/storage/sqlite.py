@@ -168,7 +168,7 @@ class SQLiteStorage:
     # -- the daemon's operations -----------------------------------------------------
 
     def load(self, senders: Sequence[str]) -> dict[str, Row]:
-        unique = sorted(set(senders))
+        unique = sorted(s for s in set(senders) if _encodable(s))
         rows: dict[str, Row] = {}
         with self._locked("load rows") as con:
             for start in range(0, len(unique), CHUNK):
@@ -190,7 +190,7 @@ class SQLiteStorage:
             for delta in ordered:
                 try:
                     con.execute(self._upsert, (delta.sender, default_quota, delta.n, delta.expiry))
-                except (sqlite3.Error, OverflowError) as exc:
+                except (sqlite3.Error, OverflowError, UnicodeEncodeError) as exc:
                     # SQLite undoes just the failed statement (ABORT); the transaction
                     # and the other deltas go on.
                     if not _is_data_error(exc):
@@ -295,10 +295,22 @@ def _primary_code(exc: BaseException) -> int | None:
     return code & 0xFF if isinstance(code, int) else None
 
 
+def _encodable(sender: str) -> bool:
+    """False for a str no database can store (a lone surrogate: not UTF-8 text)."""
+    try:
+        sender.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_data_error(exc: BaseException) -> bool:
     """An error the same value will hit again (as opposed to a busy or broken DB)."""
-    if isinstance(exc, OverflowError | sqlite3.IntegrityError | sqlite3.DataError):
-        return True  # an int beyond 64 bits is refused by the driver itself
+    if isinstance(
+        exc, OverflowError | UnicodeEncodeError | sqlite3.IntegrityError | sqlite3.DataError
+    ):
+        # Refused by the driver itself: an int beyond 64 bits, a str not UTF-8 text.
+        return True
     return _primary_code(exc) in _DATA_CODES
 
 
