@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -524,9 +525,20 @@ class Bench:
     def _meta(self) -> Json:
         rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, check=False).stdout.strip()
+        # the daemon runs from the working tree, which may hold uncommitted edits: name
+        # them and hash the package source so that a result can be traced to its code
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
+                                "ratelimit_policyd", "sql"],
+                               capture_output=True, text=True, check=False).stdout.split("\n")
+        digest = hashlib.sha256()
+        for path in sorted((REPO / "ratelimit_policyd").rglob("*.py")):
+            digest.update(path.relative_to(REPO).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes())
         return {
             "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "git": rev or None,
+            "uncommitted": [line[3:] for line in dirty if line.strip()],
+            "source_sha256": digest.hexdigest()[:12],
             "python": platform.python_version(),
             "kernel": platform.release(),
             "ncpu": os.cpu_count(),
@@ -949,8 +961,10 @@ def render(record: Json) -> str:
     plan = record["meta"]["plan"]
     cells = median_cells(record)
     L: list[str] = []
-    L.append(f"# ratelimit-policyd benchmark ({record['meta']['started']}, "
-             f"git {record['meta']['git'] or 'uncommitted'})")
+    meta = record["meta"]
+    L.append(f"# ratelimit-policyd benchmark ({meta['started']}, git {meta['git'] or 'none'}"
+             + (f" + {len(meta['uncommitted'])} uncommitted files" if meta.get("uncommitted")
+                else "") + f", source {meta.get('source_sha256', '?')})")
     L.append("")
     L.append(f"{record['meta']['ncpu']} CPUs, Python {record['meta']['python']}; "
              f"{plan['state']} requests ({record['meta']['template']}), "

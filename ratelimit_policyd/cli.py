@@ -59,10 +59,7 @@ def _run_overrides(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
     put("cache", "flush_interval", getattr(ns, "flush_interval", None))
     put("log", "file", getattr(ns, "log_file", None))
     put("log", "level", getattr(ns, "log_level", None))
-    # systemd's StateDirectory= announces the directory it made; a flag still wins.
-    state_dir = getattr(ns, "state_dir", None) or \
-        (os.environ.get("STATE_DIRECTORY", "").split(":")[0] or None)
-    put("daemon", "state_dir", _abspath(state_dir))
+    put("daemon", "state_dir", _abspath(getattr(ns, "state_dir", None)))
     put("daemon", "pidfile", _abspath(getattr(ns, "pidfile", None)))
     put("daemon", "user", getattr(ns, "user", None))
     put("daemon", "group", getattr(ns, "group", None))

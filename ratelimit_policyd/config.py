@@ -45,6 +45,10 @@ class ConfigError(Exception):
 
 def default_state_dir() -> Path:
     """Where the embedded SQLite database lives by default."""
+    # systemd's StateDirectory= announces the directory it made for the unit.
+    announced = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if announced:
+        return Path(announced)
     if os.geteuid() == 0:
         return Path("/var/lib/ratelimit-policyd")
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -52,7 +56,7 @@ def default_state_dir() -> Path:
 
 
 def default_db_url() -> str:
-    return f"sqlite:///{default_state_dir() / 'ratelimit.sqlite3'}"
+    return f"sqlite://{default_state_dir() / 'ratelimit.sqlite3'}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +142,7 @@ class Settings:
     # -- derived values -------------------------------------------------------------
 
     def db_url(self) -> str:
-        return self.database.url or f"sqlite:///{self.state_dir() / 'ratelimit.sqlite3'}"
+        return self.database.url or f"sqlite://{self.state_dir() / 'ratelimit.sqlite3'}"
 
     def state_dir(self) -> Path:
         return Path(self.daemon.state_dir) if self.daemon.state_dir else default_state_dir()
@@ -288,8 +292,6 @@ def _check(s: Settings, errors: list[str]) -> None:
     if db.url and not db.url.startswith(("sqlite:///", "mysql://")):
         bad("database.url", "expected sqlite:///ABSOLUTE/PATH or "
             f"mysql://USER:PASSWORD@HOST:PORT/DBNAME, got {redact_url(db.url)!r}")
-    if db.url.startswith("sqlite:///") and not db.url[len("sqlite://"):].startswith("/"):
-        bad("database.url", "the SQLite path must be absolute (sqlite:////var/lib/x.sqlite3)")
     if db.password_file and not Path(db.password_file).is_file():
         bad("database.password_file", f"no such file: {db.password_file}")
     positive("database.pool_size", db.pool_size)

@@ -43,7 +43,8 @@ class NotRunning(ControlError):
 def control_path(settings: Settings) -> Path:
     """``server.control_socket``, or ``control.sock`` in the state directory."""
     configured = settings.server.control_socket
-    return Path(configured) if configured else settings.state_dir() / SOCKET_NAME
+    # Absolute: a detached daemon changes to / before it removes the socket at stop.
+    return Path(os.path.abspath(configured or settings.state_dir() / SOCKET_NAME))
 
 
 def _check_length(path: Path) -> None:

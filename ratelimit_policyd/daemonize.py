@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 #: What the daemon's command line contains; a live pid without it is a reused pid.
 PROCESS_MARK: Final = b"ratelimit"
 #: Mode of files and directories the daemon creates once detached (python-daemon's
-#: default would be 0, making every new file world-writable).
-UMASK: Final = 0o022
+#: default would be 0, making every new file world-writable); logs hold usernames, so
+#: they are not world-readable (the systemd unit uses UMask=0027 too).
+UMASK: Final = 0o027
 
 
 class StartError(Exception):
@@ -187,14 +188,19 @@ def _getpw(user: str) -> pwd.struct_passwd:
     return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
 
 
-def drop_privileges(acct: Account) -> None:
-    """Become ``acct``: supplementary groups, then group, then user (that order, as
-    only root may change groups). Without root, only "becoming" oneself is allowed."""
-    if os.geteuid() != 0:
-        if (os.geteuid(), os.getegid()) == (acct.uid, acct.gid):
-            return
+def check_can_switch(acct: Account) -> None:
+    """Without root, the only account one can switch to is one's own."""
+    if os.geteuid() != 0 and (os.geteuid(), os.getegid()) != (acct.uid, acct.gid):
         raise StartError(f"--user/--group need root to switch to {acct.name} "
                          f"(running as uid {os.geteuid()})", os.EX_NOPERM)
+
+
+def drop_privileges(acct: Account) -> None:
+    """Become ``acct``: supplementary groups, then group, then user (that order, as
+    only root may change groups)."""
+    check_can_switch(acct)
+    if os.geteuid() != 0:
+        return  # already running as acct
     try:
         os.setgroups(os.getgrouplist(acct.name, acct.gid))
         os.setgid(acct.gid)
@@ -278,11 +284,9 @@ def serve(settings: Settings, overrides: dict[str, dict[str, Any]], opts: RunOpt
     if pidfile is not None:
         claim_pidfile(pidfile)
     acct = resolve_account(opts.user, opts.group)
-    if acct is not None and os.geteuid() != 0 and \
-            (os.geteuid(), os.getegid()) != (acct.uid, acct.gid):
-        raise StartError(f"--user/--group need root to switch to {acct.name} "
-                         f"(running as uid {os.geteuid()})", os.EX_NOPERM)
-    if acct is None and os.geteuid() == 0:
+    if acct is not None:
+        check_can_switch(acct)  # before anything is created or bound
+    elif os.geteuid() == 0:
         log.warning("running as root: set daemon.user (--user) to drop privileges")
     prepare_paths(settings, acct, pidfile)
     daemon = Daemon(settings, overrides)

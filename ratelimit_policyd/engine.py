@@ -15,7 +15,7 @@ from typing import Final
 
 from ratelimit_policyd.cache import OVER_QUOTA, QuotaCache
 from ratelimit_policyd.codec import encode_reply
-from ratelimit_policyd.policy import Countable, Limits, classify
+from ratelimit_policyd.policy import Countable, Limits, Skip, classify
 from ratelimit_policyd.stats import ThreadCounters
 from ratelimit_policyd.storage.base import Storage, StorageError
 
@@ -74,6 +74,12 @@ class Engine:
         limits, over_reply, db_error_reply = self._state
         what = classify(attrs, limits)
         if not isinstance(what, Countable):
+            if what in (Skip.KEY_TOO_LONG, Skip.BAD_COUNT):
+                # Not what a sane Postfix sends: say why it is not counted (bounded text).
+                user = attrs.get("sasl_username", "")
+                log.warning("request not counted (%s), answered DUNNO: sasl_username=%.100r "
+                            "(%d characters), recipient_count=%.20r", what, user, len(user),
+                            attrs.get("recipient_count", ""))
             self._count("dunno")
             return DUNNO
         now = self._clock()

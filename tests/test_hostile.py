@@ -8,6 +8,7 @@ kept at least as long as Postfix keeps them.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import time
@@ -146,11 +147,11 @@ def test_binary_garbage_gets_dunno_or_a_close_and_counts_nothing(hostile: Hostil
 
 
 def test_non_utf8_bytes_are_replaced_not_fatal(hostile: Hostile) -> None:
-    raw = request_bytes(sasl_username="PLACEHOLDER", client_name="PLACEHOLDER2")
-    raw = raw.replace(b"PLACEHOLDER2", b"\xc3\x28\xa0\xa1").replace(
-        b"PLACEHOLDER", b"bad\xff\xfename@example.com")
     with PolicyClient(hostile.port) as c:
-        for _ in range(3):
+        for _ in range(3):  # three requests (each its own instance, so not retries)
+            raw = request_bytes(sasl_username="PLACEHOLDER", client_name="PLACEHOLDER2")
+            raw = raw.replace(b"PLACEHOLDER2", b"\xc3\x28\xa0\xa1").replace(
+                b"PLACEHOLDER", b"bad\xff\xfename@example.com")
             assert c.ask(raw) == "DUNNO"
     # Invalid bytes become U+FFFD (the codec's documented decoding): one key, counted.
     hostile.counted["bad\ufffd\ufffdname@example.com"] += 3
@@ -174,7 +175,7 @@ def test_usernames_longer_than_the_sender_column_are_not_counted(hostile: Hostil
     hostile.counted[wide] += 2
     hostile.served()
     hostile.exact()
-    assert "key too long" in hostile.daemon.log_text() or "too long" in hostile.daemon.log_text()
+    hostile.daemon.wait_log("request not counted (key too long)")
 
 
 SQL_NASTIES = [
@@ -199,7 +200,7 @@ def test_sql_metacharacters_in_usernames_are_plain_data(hostile: Hostile) -> Non
         for i, key in enumerate(SQL_NASTIES):
             for _ in range(i + 1):  # a different count per key, to catch any mix-up
                 assert c.ask(request_bytes(sasl_username=key)) == "DUNNO"
-            hostile.counted[key] += i + 1
+            hostile.counted[key.lower()] += i + 1  # keys are lower-cased by default
     hostile.served()
     hostile.exact()
     assert hostile.db.sql("SELECT COUNT(*) FROM ratelimit")[0][0] == len(hostile.counted)
@@ -215,10 +216,8 @@ def test_client_outside_allowed_hosts_is_closed_and_logged(hostile: Hostile) -> 
     except OSError as exc:
         pytest.skip(f"no second loopback address 127.0.0.2 here: {exc}")
     with s:
-        try:
+        with contextlib.suppress(OSError):  # closed before the request went out: fine
             s.sendall(request_bytes(sasl_username="outsider@example.com"))
-        except OSError:
-            pass  # closed before the request went out: fine
         closed, sent = eof_within(s, 10)
     assert closed and sent == b""
     hostile.daemon.wait_log("client 127.0.0.2 not in allowed_hosts")
@@ -366,12 +365,11 @@ def test_memory_stays_bounded_under_a_flood(hostile: Hostile) -> None:
             held.append(s)
         for _ in range(200):  # over-long and garbage, each closed by the server
             with socket.create_connection(("127.0.0.1", hostile.port), timeout=10) as s:
-                try:
+                with contextlib.suppress(OSError):
                     s.sendall(bytes(rng.getrandbits(8) for _ in range(64)) + b"z" * MAX_REQUEST)
-                except OSError:
-                    pass
                 eof_within(s, 10)
-        load = Load([hostile.port], [WITNESS], connections=8, max_requests=250, seed=seed)
+        # Others are served while those connections are held.
+        load = Load([hostile.port], [WITNESS], connections=4, max_requests=50, seed=seed)
         load.start().join()
         assert not load.errors and not load.unanswered
         hostile.counted.update(load.counted())
@@ -388,7 +386,8 @@ def test_memory_stays_bounded_under_a_flood(hostile: Hostile) -> None:
     after_three = pid_rss()
     print(f"VmRSS {before} KiB before, {after_one} KiB after one flood, {after_three} KiB "
           f"after three")
+    # The first flood grows thread stacks and malloc arenas; the daemon then reuses them.
     assert after_one - before < 64 * 1024
-    # A leak per connection or per request would show as steady growth.
-    assert after_three - after_one < 32 * 1024
+    # A leak per hostile connection would show as growth with every flood.
+    assert after_three - after_one < 16 * 1024
     hostile.exact()

@@ -201,3 +201,49 @@ def test_overshoot_of_a_quota_stays_within_the_bound(trio: Trio) -> None:
             per_daemon[r.port] = per_daemon.get(r.port, 0) + 1
     assert max(per_daemon.values()) <= quota
 
+
+
+def test_late_counts_of_an_ended_window_are_bounded(
+    mariadb: MariaDB, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A daemon with a long flush interval writes its last counts of a window after the
+    window ended, when a faster daemon has already started the new one in the row. The
+    storage adds such a late delta to the row rather than dropping it (model.Delta), so
+    the new window may hold those counts: at most what the slow daemon counted in its
+    last flush interval before the end. Never fewer than the new window's own counts:
+    the reset happens once."""
+    db = Database.create(mariadb)
+    base = tmp_path_factory.mktemp("late")
+    slow_flush = 3.0
+    keys = [f"late{i}@example.com" for i in range(5)]
+    end = int(time.time()) + 6
+    db.put(keys, quota=5000, used=500, expiry=end)
+    args = ("--period", "monthly", "--default-quota", str(DEFAULT_QUOTA))
+    fast = MySQLDaemon(base / "fast", db.url, "--flush-interval", "0.2", *args)
+    slow = MySQLDaemon(base / "slow", db.url, "--flush-interval", str(slow_flush), *args)
+    try:
+        ports = [fast.port, slow.port]
+        before = Load(ports, keys, connections=4, rate=40.0, seed=5).start()
+        wait_until(lambda: time.time() >= end - 0.3, 15, "the load before the end")
+        before.stop()
+        wait_until(lambda: time.time() >= end + 0.1, 10, "the window's end")
+        after = Load(ports, keys, connections=4, rate=40.0, seed=6).start()
+        # Long enough for the slow daemon's next flush, which carries its late counts.
+        wait_until(lambda: time.time() >= end + slow_flush + 1.5, 15, "the slow flush")
+        after.stop()
+    finally:
+        codes = [fast.stop(), slow.stop()]
+    assert codes == [0, 0]
+    for load in (before, after):
+        assert not load.errors and not load.unanswered
+    assert all(r.at < end for r in before.replies)
+    new = after.counted()
+    used = db.used()
+    late = {k: used[k] - new[k] for k in keys}
+    bound = {k: sum(r.n for r in before.replies if r.port == slow.port and r.key == k
+                    and r.at > end - (slow_flush + 1.0)) for k in keys}
+    print(f"new window {dict(new)}; late counts of the ended window in it {late}; "
+          f"bound {bound}")
+    for k in keys:
+        assert 0 <= late[k] <= bound[k], k
+    mariadb.execute(f"DROP DATABASE IF EXISTS `{db.name}`")
