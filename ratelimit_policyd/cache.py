@@ -27,6 +27,8 @@ OVER_QUOTA: Final = "OVER_QUOTA"
 RETRY_WINDOW: Final = 300.0
 #: Requests remembered for retry detection (about 200 bytes each).
 MAX_RECENT: Final = 100_000
+#: Keys handled per lock hold by the flusher's bulk operations.
+LOCK_CHUNK: Final = 512
 
 
 class Entry:
@@ -171,20 +173,28 @@ class QuotaCache:
     # -- flusher side ---------------------------------------------------------------
 
     def drain(self) -> Batch:
-        """Take every pending count for writing; they stay visible as ``inflight``."""
+        """Take every pending count for writing; they stay visible as ``inflight``.
+
+        The lock is taken per chunk of keys, not for the whole drain: with many dirty
+        keys one long critical section would stall every request thread behind it.
+        Each key moves from pending to in-flight atomically, which is all that matters.
+        """
         with self._lock:
             deltas = self._rolled
-            gens = [-1] * len(deltas)
             self._rolled = []
-            entries = self._entries
-            for key in self._dirty:
-                e = entries[key]
-                if e.pending:
-                    deltas.append(Delta(key, e.pending, e.expiry))
-                    gens.append(e.gen)
-                    e.inflight += e.pending
-                    e.pending = 0
+            dirty = list(self._dirty)
             self._dirty = set()
+        gens = [-1] * len(deltas)
+        entries = self._entries
+        for start in range(0, len(dirty), LOCK_CHUNK):
+            with self._lock:
+                for key in dirty[start:start + LOCK_CHUNK]:
+                    e = entries.get(key)
+                    if e is not None and e.pending:
+                        deltas.append(Delta(key, e.pending, e.expiry))
+                        gens.append(e.gen)
+                        e.inflight += e.pending
+                        e.pending = 0
         return Batch(deltas, gens)
 
     def restore(self, batch: Batch) -> None:
@@ -201,52 +211,71 @@ class QuotaCache:
                 self._dirty.add(delta.sender)
 
     def confirm(self, batch: Batch, rows: dict[str, Row], now: float) -> None:
-        """A flush succeeded: drop its counts from ``inflight``, adopt the rows read back."""
-        with self._lock:
-            entries = self._entries
-            for delta, gen in zip(batch.deltas, batch.gens, strict=True):
-                if gen < 0:
-                    continue
-                e = entries.get(delta.sender)
-                if e is not None and e.gen == gen:
-                    e.inflight -= delta.n
-            for key, row in rows.items():
-                e = entries.get(key)
-                if e is not None:
-                    self._adopt(e, row, now)
+        """A flush succeeded: drop its counts from ``inflight``, adopt the rows read back.
+
+        Per key, both happen under one lock hold (a request must never see the counts
+        gone from ``inflight`` before they are in ``base``); keys go in chunks.
+        """
+        written: dict[str, list[tuple[int, int]]] = {}
+        for delta, gen in zip(batch.deltas, batch.gens, strict=True):
+            if gen >= 0:
+                written.setdefault(delta.sender, []).append((gen, delta.n))
+        keys = list(written.keys() | rows.keys())
+        entries = self._entries
+        for start in range(0, len(keys), LOCK_CHUNK):
+            with self._lock:
+                for key in keys[start:start + LOCK_CHUNK]:
+                    e = entries.get(key)
+                    if e is None:
+                        continue
+                    for gen, n in written.get(key, ()):
+                        if e.gen == gen:
+                            e.inflight -= n
+                    row = rows.get(key)
+                    if row is not None:
+                        self._adopt(e, row, now)
 
     def refresh_candidates(self, now: float, limit: int) -> list[str]:
         """Recently used keys to re-read, most recent first (at most ``limit``).
 
         Keys charged since the last flush are refreshed by the flush itself; the others
         are re-read so that an operator's change (or another daemon's counts) is seen.
+        Only the key list is copied under the lock (a C-level copy); the scan reads
+        entries without it: a stale answer only changes which keys get re-read.
         """
         cutoff = now - self.idle_ttl
-        keys: list[str] = []
         with self._lock:
+            order = list(self._entries)
             dirty = self._dirty
-            for key in reversed(self._entries):
-                e = self._entries[key]
-                if e.seen < cutoff or len(keys) >= limit:
-                    break
-                if key not in dirty and not e.inflight:
-                    keys.append(key)
+        entries = self._entries
+        keys: list[str] = []
+        for key in reversed(order):
+            e = entries.get(key)
+            if e is None:
+                continue
+            if e.seen < cutoff or len(keys) >= limit:
+                break
+            if key not in dirty and not e.inflight and not e.pending:
+                keys.append(key)
         return keys
 
     def refresh(self, keys: Iterable[str], rows: dict[str, Row], now: float) -> None:
         """Adopt re-read rows; a key whose row was deleted is forgotten when clean."""
-        with self._lock:
-            entries = self._entries
-            for key in keys:
-                e = entries.get(key)
-                if e is None:
-                    continue
-                row = rows.get(key)
-                if row is not None:
-                    self._adopt(e, row, now)
-                elif e.loaded and not e.pending and not e.inflight and key not in self._dirty:
-                    # Deleted by an operator: the next request starts it afresh.
-                    del entries[key]
+        keys = list(keys)
+        entries = self._entries
+        for start in range(0, len(keys), LOCK_CHUNK):
+            with self._lock:
+                for key in keys[start:start + LOCK_CHUNK]:
+                    e = entries.get(key)
+                    if e is None:
+                        continue
+                    row = rows.get(key)
+                    if row is not None:
+                        self._adopt(e, row, now)
+                    elif (e.loaded and not e.pending and not e.inflight
+                          and key not in self._dirty):
+                        # Deleted by an operator: the next request starts it afresh.
+                        del entries[key]
 
     def evict(self, now: float) -> int:
         """Drop least recently used clean entries: idle ones, and any over the cap."""

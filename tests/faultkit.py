@@ -8,10 +8,12 @@ subprocess of ``tests.test_daemon`` pointed at MySQL with a config file of the t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import secrets
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -380,3 +382,98 @@ class Load:
 def env_seconds(name: str, default: float) -> float:
     raw = os.environ.get(name, "")
     return float(raw) if raw.strip() else default
+
+
+# -- a database connection lost at the worst moment ------------------------------------
+
+
+class CommitCutter:
+    """A TCP proxy to MariaDB that, once armed, loses the reply to the COMMIT of one
+    write transaction: the server commits, the client sees its connection drop.
+
+    It reads the client's MySQL packets (3-byte length, sequence number, payload) to
+    spot a COM_QUERY (0x03) ``COMMIT`` that follows an ``INSERT`` or ``UPDATE`` on the
+    same connection; everything else passes through unchanged.
+    """
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.armed = threading.Event()
+        self.cut = threading.Event()
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="proxy", daemon=True).start()
+
+    def arm(self) -> None:
+        self.cut.clear()
+        self.armed.set()
+
+    def url(self, url: str) -> str:
+        """``url`` with the proxy's port in place of the server's."""
+        return url.replace(f":{self.upstream[1]}/", f":{self.port}/", 1)
+
+    def close(self) -> None:
+        self.listener.close()
+        with self._lock:
+            for s in self._socks:
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            with self._lock:
+                self._socks += [client, server]
+            state = {"wrote": False, "cutting": False}
+            threading.Thread(target=self._up, args=(client, server, state), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, state),
+                             daemon=True).start()
+
+    def _up(self, client: socket.socket, server: socket.socket, state: dict[str, bool]) -> None:
+        buf = b""
+        try:
+            while data := client.recv(65536):
+                buf += data
+                while len(buf) >= 4:
+                    size = int.from_bytes(buf[:3], "little") + 4
+                    if len(buf) < size:
+                        break
+                    packet, buf = buf[:size], buf[size:]
+                    payload = packet[4:]
+                    if payload[:1] == b"\x03":
+                        query = payload[1:20].lstrip().upper()
+                        if query.startswith((b"INSERT", b"UPDATE")):
+                            state["wrote"] = True
+                        elif query.startswith(b"COMMIT"):
+                            if state["wrote"] and self.armed.is_set():
+                                self.armed.clear()
+                                state["cutting"] = True
+                            state["wrote"] = False
+                    server.sendall(packet)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_WR)
+
+    def _down(self, server: socket.socket, client: socket.socket,
+              state: dict[str, bool]) -> None:
+        try:
+            while data := server.recv(65536):
+                if state["cutting"]:
+                    # The server's answer to the COMMIT: it has committed. Drop the
+                    # answer and the connection, as a network failure would.
+                    client.close()
+                    server.close()
+                    self.cut.set()
+                    return
+                client.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_WR)
