@@ -804,6 +804,7 @@ class Bench:
         srv.watch.append(("delayproxy", proxy.pid))
         try:
             prime = self.prime(srv, hot)
+            assert proxy.proc is not None
             for delay in (0.0, plan.db_delay):
                 proxy.proc.send_signal(signal.SIGUSR1 if delay else signal.SIGUSR2)
                 cell = self.measure(srv, conns, label=f"mysql-delay{delay:g}ms-c{conns}",

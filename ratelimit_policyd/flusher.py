@@ -104,7 +104,9 @@ class Flusher(threading.Thread):
             st.last_error = ""
             self._on_db_ok()
             if written:
-                log.debug("flushed %d keys in %.3f s", written, st.last_seconds)
+                # A slow round is worth an operator's attention; routine ones are not.
+                log.log(logging.INFO if st.last_seconds >= 1.0 else logging.DEBUG,
+                        "flushed %d keys in %.3f s", written, st.last_seconds)
         return ok
 
     def _failed(self, exc: StorageError, n: int) -> None:
@@ -127,6 +129,8 @@ class Flusher(threading.Thread):
             self.join(max(0.0, deadline - time.monotonic()))
         while True:
             if self.flush_once() and not self.cache.pending_total():
+                log.info("final flush: flushed %d keys in %.3f s", self.stats.last_written,
+                         self.stats.last_seconds)
                 return True
             if time.monotonic() + 0.5 >= deadline:
                 return False

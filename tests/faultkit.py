@@ -64,7 +64,10 @@ class Database:
             "SELECT quota, used, COALESCE(expiry, 0), persist FROM ratelimit WHERE sender = %s",
             (sender,),
         )
-        return None if not found else tuple(int(v) for v in found[0])  # type: ignore[return-value]
+        if not found:
+            return None
+        quota, used, expiry, persist = found[0]
+        return int(quota), int(used), int(expiry), int(persist)
 
     def put(self, senders: Iterable[str], quota: int, used: int = 0, *, expiry: int,
             persist: bool = False) -> None:
@@ -300,6 +303,14 @@ class Load:
     def answered(self) -> int:
         with self._lock:
             return len(self.replies)
+
+    def last_actions(self, n: int) -> dict[int, list[str]]:
+        """The last ``n`` answers of each daemon (by port)."""
+        by_port: dict[int, list[str]] = {}
+        with self._lock:
+            for r in self.replies:
+                by_port.setdefault(r.port, []).append(r.action)
+        return {port: actions[-n:] for port, actions in by_port.items()}
 
     def max_latency(self, keys: Iterable[str] | None = None) -> float:
         wanted = None if keys is None else set(keys)

@@ -172,11 +172,8 @@ def test_overshoot_of_a_quota_stays_within_the_bound(trio: Trio) -> None:
     load = Load(trio.ports, [key], connections=N, rate=20.0).start()
 
     def all_refuse() -> bool:
-        with load._lock:
-            last: dict[int, list[str]] = {}
-            for r in load.replies:
-                last.setdefault(r.port, []).append(r.action)
-        return len(last) == N and all(a[-10:] == [OVER] * 10 for a in last.values())
+        last = load.last_actions(10)
+        return len(last) == N and all(a == [OVER] * 10 for a in last.values())
 
     wait_until(all_refuse, 40, "every daemon refusing the key")
     load.stop()

@@ -88,6 +88,17 @@ class SQLiteStorage:
         except sqlite3.Error as exc:
             self._con.close()
             raise _wrap(exc, f"cannot switch {path} to WAL") from exc
+        try:
+            # A second connection for the request threads' reads (cache misses): in WAL
+            # mode it reads the last committed state while the flusher's write
+            # transaction runs on the first one, so a miss never waits for a flush.
+            self._read_con = sqlite3.connect(
+                str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            self._con.close()
+            raise _wrap(exc, f"cannot open {path}") from exc
+        self._read_lock = threading.Lock()
         self._build_sql()
 
     def _build_sql(self) -> None:
@@ -170,7 +181,7 @@ class SQLiteStorage:
     def load(self, senders: Sequence[str]) -> dict[str, Row]:
         unique = sorted(s for s in set(senders) if _encodable(s))
         rows: dict[str, Row] = {}
-        with self._locked("load rows") as con:
+        with self._locked("load rows", read=True) as con:
             for start in range(0, len(unique), CHUNK):
                 rows.update(self._select_rows(con, unique[start : start + CHUNK]))
         return rows
@@ -227,10 +238,11 @@ class SQLiteStorage:
             return con.execute(self._delete, (sender,)).rowcount > 0
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             if not self._closed:
                 self._closed = True
                 self._con.close()
+                self._read_con.close()
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -241,13 +253,16 @@ class SQLiteStorage:
         return {r.sender: r for r in map(_row, con.execute(sql, tuple(senders)))}
 
     @contextmanager
-    def _locked(self, action: str) -> Iterator[sqlite3.Connection]:
-        """The connection, held by this thread; sqlite3 errors become StorageError."""
-        with self._lock:
+    def _locked(self, action: str, read: bool = False) -> Iterator[sqlite3.Connection]:
+        """A connection, held by this thread; sqlite3 errors become StorageError.
+
+        ``read``: the read-only connection (never inside a write transaction).
+        """
+        with self._read_lock if read else self._lock:
             if self._closed:
                 raise StorageError(f"cannot {action}: storage is closed", transient=False)
             try:
-                yield self._con
+                yield self._read_con if read else self._con
             except (sqlite3.Error, OverflowError, ValueError) as exc:
                 # ValueError: a non-numeric value an operator put in a numeric column.
                 raise _wrap(exc, f"cannot {action} in {self.path}") from exc
