@@ -100,7 +100,7 @@ class QuotaCache:
         # Deltas of windows that rolled over before they were flushed.
         self._rolled: list[Delta] = []
         # Recent request tokens -> (time, answer), in insertion order.
-        self._recent: dict[object, tuple[float, Charge]] = {}
+        self._recent: OrderedDict[object, tuple[float, Charge]] = OrderedDict()
         self._calendar = calendar
         self._default_quota = default_quota
         self.max_entries = max_entries
@@ -143,8 +143,9 @@ class QuotaCache:
             if token is not None:
                 recent[token] = (now, charge)
                 if len(recent) > MAX_RECENT:
-                    # Oldest first (insertion order): drop one per insert beyond the cap.
-                    del recent[next(iter(recent))]
+                    # Oldest first. (On a plain dict, next(iter()) after many deletions
+                    # from the front scans the holes they leave: quadratic.)
+                    recent.popitem(last=False)
             return charge
 
     def install(self, key: str, row: Row | None, now: float) -> None:

@@ -7,7 +7,7 @@ standard library and ``model``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
 from ratelimit_policyd.model import MAX_KEY_LENGTH, Period
 
@@ -42,9 +42,8 @@ class Limits:
         return self.over_quota_action.replace("{period}", self.period.value)
 
 
-@dataclass(frozen=True, slots=True)
-class Countable:
-    """A request that counts: ``n`` recipients charged to ``key``."""
+class Countable(NamedTuple):
+    """A request that counts: ``n`` recipients charged to ``key`` (built per request)."""
 
     key: str
     n: int

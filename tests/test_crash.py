@@ -103,6 +103,7 @@ def test_sigterm_with_database_down_spools_and_next_start_writes(
           f"lost 0 of {sum(expected.values())}")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_load_loses_at_most_the_last_flush_interval(
     shared_db: Database, tmp_path: Path
 ) -> None:

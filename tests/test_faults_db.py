@@ -96,7 +96,7 @@ def test_database_stopped_under_load(
     db: Database, daemons: list[MySQLDaemon], tmp_path: Path, on_db_error: str
 ) -> None:
     d = start_daemon(daemons, tmp_path, db, on_db_error, SLOW_DB)
-    with Load([d.port], CACHED, connections=4) as load:
+    with Load([d.port], CACHED, connections=4, rate=500.0) as load:
         progress(load, 300)
         wait_until(lambda: sum(db.used().values()) > 0, 20, "a first flush")
         db.server.stop()
@@ -119,19 +119,20 @@ def test_database_stopped_under_load(
     extra = ask_until(d.port, UNKNOWN[0], OVER)
     expected[UNKNOWN[0]] += extra
     assert d.stop() == 0
-    print(f"{load.summary()}; lost 0 of {sum(expected.values())}")
     assert db.used() == expected
     assert load.max_latency(CACHED) < CACHED_REPLY_BOUND, load.max_latency(CACHED)
     assert "database unavailable for 'new0@example.com'" in d.log_text()
+    print(f"{load.summary()}; lost 0 of {sum(expected.values())}")
 
 
+@pytest.mark.slow
 def test_frozen_database_under_load(
     db: Database, daemons: list[MySQLDaemon], tmp_path: Path
 ) -> None:
     """A server that accepts connections but answers nothing (SIGSTOP): the worst case
     for timeouts, since nothing fails fast."""
     d = start_daemon(daemons, tmp_path, db, "defer", SLOW_DB)
-    with Load([d.port], CACHED, connections=4) as load:
+    with Load([d.port], CACHED, connections=4, rate=500.0) as load:
         progress(load, 300)
         wait_until(lambda: sum(db.used().values()) > 0, 20, "a first flush")
         db.server.pause()
@@ -154,11 +155,12 @@ def test_frozen_database_under_load(
     expected = load.counted() + Counter(dict.fromkeys(UNKNOWN, 3))
     wait_for_counts(db, expected, timeout=40)
     assert d.stop() == 0
-    print(f"{load.summary()}; lost 0 of {sum(expected.values())}")
     assert db.used() == expected
     assert load.max_latency(CACHED) < CACHED_REPLY_BOUND, load.max_latency(CACHED)
+    print(f"{load.summary()}; lost 0 of {sum(expected.values())}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lock", ["rows", "table"])
 def test_locked_table_under_load(
     db: Database, daemons: list[MySQLDaemon], tmp_path: Path, lock: str
@@ -169,7 +171,7 @@ def test_locked_table_under_load(
     locker = db.server.connect(db.name)
     locked = threading.Event()
     try:
-        with Load([d.port], CACHED, connections=4) as load:
+        with Load([d.port], CACHED, connections=4, rate=500.0) as load:
             progress(load, 300)
             wait_until(lambda: sum(db.used().values()) > 0, 20, "a first flush")
             with locker.cursor() as cur:
@@ -201,9 +203,9 @@ def test_locked_table_under_load(
     expected = load.counted() + Counter(dict.fromkeys(UNKNOWN, 5))
     wait_for_counts(db, expected, timeout=40)
     assert d.stop() == 0
-    print(f"{load.summary()}; lost 0 of {sum(expected.values())}")
     assert db.used() == expected
     assert load.max_latency(CACHED) < CACHED_REPLY_BOUND, load.max_latency(CACHED)
+    print(f"{load.summary()}; lost 0 of {sum(expected.values())}")
 
 
 @pytest.mark.xfail(

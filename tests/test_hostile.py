@@ -21,7 +21,7 @@ import pytest
 
 from ratelimit_policyd.config import Settings
 from tests.faultkit import Database, Load, MySQLDaemon, toml, wait_for_counts, wait_until
-from tests.fixtures_mariadb import MariaDB
+from tests.fixtures_mariadb import MariaDB, unavailable
 from tests.policyclient import PolicyClient, request_bytes
 from tests.test_daemon import DaemonProc
 
@@ -106,13 +106,14 @@ def eof_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
 # -- the policy port: size, garbage, encoding ------------------------------------------
 
 
+@pytest.mark.mysql
 def test_overlong_line_and_request_close_only_that_connection(hostile: Hostile) -> None:
     with PolicyClient(hostile.port) as good:
         assert good.ask(request_bytes(sasl_username=WITNESS)) == "DUNNO"
         hostile.counted[WITNESS] += 1
         for junk in (
             b"sasl_username=" + b"x" * (MAX_REQUEST * 3),  # one endless line
-            b"".join(b"a%d=b\n" % i for i in range(2000)),  # many short lines
+            b"a=b\n" * 300,  # more lines than a request may have (256), in 1200 bytes
             request_bytes(sasl_username=WITNESS, ccert_subject="y" * MAX_REQUEST),  # whole
         ):
             with PolicyClient(hostile.port) as bad:
@@ -120,11 +121,12 @@ def test_overlong_line_and_request_close_only_that_connection(hostile: Hostile) 
                 assert bad.closed_by_server()
         assert good.ask(request_bytes(sasl_username=WITNESS)) == "DUNNO"
         hostile.counted[WITNESS] += 1
-    text = hostile.daemon.wait_log(f"limit {MAX_REQUEST}; closing the connection")
-    assert "too many" in text.lower() or text.count(f"limit {MAX_REQUEST}") >= 2
+    text = hostile.daemon.wait_log("attribute lines, limit 256; closing the connection")
+    assert text.count(f"limit {MAX_REQUEST}; closing the connection") >= 2
     hostile.exact()
 
 
+@pytest.mark.mysql
 def test_binary_garbage_gets_dunno_or_a_close_and_counts_nothing(hostile: Hostile) -> None:
     rng = random.Random(4)
     for i in range(60):
@@ -146,6 +148,7 @@ def test_binary_garbage_gets_dunno_or_a_close_and_counts_nothing(hostile: Hostil
     hostile.exact()  # no row for anything in the garbage
 
 
+@pytest.mark.mysql
 def test_non_utf8_bytes_are_replaced_not_fatal(hostile: Hostile) -> None:
     with PolicyClient(hostile.port) as c:
         for _ in range(3):  # three requests (each its own instance, so not retries)
@@ -162,6 +165,7 @@ def test_non_utf8_bytes_are_replaced_not_fatal(hostile: Hostile) -> None:
 # -- usernames -------------------------------------------------------------------------
 
 
+@pytest.mark.mysql
 def test_usernames_longer_than_the_sender_column_are_not_counted(hostile: Hostile) -> None:
     fits = "a" * 243 + "@example.com"  # 255 characters: the column's width
     wide = "é" * 243 + "@example.com"  # 255 characters, 498 bytes: still fits
@@ -195,6 +199,7 @@ SQL_NASTIES = [
 ]
 
 
+@pytest.mark.mysql
 def test_sql_metacharacters_in_usernames_are_plain_data(hostile: Hostile) -> None:
     with PolicyClient(hostile.port) as c:
         for i, key in enumerate(SQL_NASTIES):
@@ -209,12 +214,14 @@ def test_sql_metacharacters_in_usernames_are_plain_data(hostile: Hostile) -> Non
 # -- connections -----------------------------------------------------------------------
 
 
+@pytest.mark.mysql
 def test_client_outside_allowed_hosts_is_closed_and_logged(hostile: Hostile) -> None:
     try:
         s = socket.create_connection(("127.0.0.1", hostile.port), timeout=5,
                                      source_address=("127.0.0.2", 0))
     except OSError as exc:
-        pytest.skip(f"no second loopback address 127.0.0.2 here: {exc}")
+        unavailable(f"no second loopback address 127.0.0.2 here: {exc}")  # fails in CI
+        return
     with s:
         with contextlib.suppress(OSError):  # closed before the request went out: fine
             s.sendall(request_bytes(sasl_username="outsider@example.com"))
@@ -225,6 +232,7 @@ def test_client_outside_allowed_hosts_is_closed_and_logged(hostile: Hostile) -> 
     hostile.exact()  # the outsider was not counted
 
 
+@pytest.mark.mysql
 def test_silent_client_does_not_hold_up_others(hostile: Hostile) -> None:
     with socket.create_connection(("127.0.0.1", hostile.port), timeout=5) as silent:
         hostile.served()
@@ -237,6 +245,7 @@ def test_silent_client_does_not_hold_up_others(hostile: Hostile) -> None:
     hostile.exact()
 
 
+@pytest.mark.mysql
 def test_idle_connection_with_default_settings_still_works(hostile: Hostile) -> None:
     with PolicyClient(hostile.port) as c:
         assert c.ask(request_bytes(sasl_username=WITNESS)) == "DUNNO"
@@ -297,9 +306,9 @@ def test_a_trickled_request_is_closed_after_request_timeout(edge: DaemonProc) ->
         started = time.monotonic()
         closed = False
         # A byte every 0.2 s, faster than request_timeout (0.5 s): the request would take
-        # two minutes to arrive. It must be closed long before 8 s.
+        # two minutes to arrive. It must be closed long before 5 s.
         for i in range(len(request)):
-            if time.monotonic() - started > 8:
+            if time.monotonic() - started > 5:
                 break
             try:
                 s.sendall(request[i : i + 1])
@@ -352,6 +361,7 @@ def _serve_once(port: int) -> bool:
 # -- memory ----------------------------------------------------------------------------
 
 
+@pytest.mark.mysql
 def test_memory_stays_bounded_under_a_flood(hostile: Hostile) -> None:
     """Hundreds of connections holding partial requests, over-long requests, garbage and
     a burst of good traffic: RSS grows by a bounded amount and does not keep growing."""

@@ -75,6 +75,7 @@ def test_counts_add_up_exactly_across_three_daemons(trio: Trio) -> None:
     print(f"{load.summary()}; lost 0 of {sum(expected.values())}")
 
 
+@pytest.mark.slow
 def test_window_resets_once_when_every_daemon_sees_the_end(trio: Trio) -> None:
     """Rows whose window ends a few seconds from now (old counts 500, quota 5000, not
     persistent): every daemon caches them, counts, sees the end and rolls over by itself.
@@ -200,6 +201,7 @@ def test_overshoot_of_a_quota_stays_within_the_bound(trio: Trio) -> None:
 
 
 
+@pytest.mark.slow
 def test_late_counts_of_an_ended_window_are_bounded(
     mariadb: MariaDB, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
