@@ -27,8 +27,9 @@ OVER_QUOTA: Final = "OVER_QUOTA"
 RETRY_WINDOW: Final = 300.0
 #: Requests remembered for retry detection (about 200 bytes each).
 MAX_RECENT: Final = 100_000
-#: Keys handled per lock hold by the flusher's bulk operations.
-LOCK_CHUNK: Final = 512
+#: Keys handled per lock hold by the flusher's bulk operations: small, so that the
+#: flusher rarely loses the GIL while it holds the lock (request threads would queue).
+LOCK_CHUNK: Final = 64
 
 
 class Entry:
@@ -100,7 +101,8 @@ class QuotaCache:
         # Deltas of windows that rolled over before they were flushed.
         self._rolled: list[Delta] = []
         # Recent request tokens -> (time, answer), in insertion order.
-        self._recent: OrderedDict[object, tuple[float, Charge]] = OrderedDict()
+        self._recent: OrderedDict[object, tuple[float, tuple[int, int, bool, bool]]] = (
+            OrderedDict())
         self._calendar = calendar
         self._default_quota = default_quota
         self.max_entries = max_entries
@@ -115,38 +117,38 @@ class QuotaCache:
         request seen again within ``RETRY_WINDOW`` seconds is a retry of one whose reply
         was lost, and gets the same answer without being counted twice.
         """
+        # The critical section calls no Python-level function (only C methods): CPython
+        # switches threads only at such calls and at loop back-edges, so the lock is
+        # never held by a thread that lost the GIL, and threads do not pile up behind
+        # it. That is why Charge is built after the lock is released (a NamedTuple's
+        # constructor is Python code); a window roll-over is the one exception.
         with self._lock:
             e = self._entries.get(key)
             if e is None:
                 return None
             recent = self._recent
-            if token is not None:
-                seen = recent.get(token)
-                if seen is not None and now - seen[0] < RETRY_WINDOW:
-                    return seen[1]
-            self._entries.move_to_end(key)
-            e.seen = now
-            if now >= e.expiry:
-                self._roll(key, e, now)
-            e.pending += n
-            self._dirty.add(key)
-            used = e.base + e.inflight + e.pending
-            quota = e.quota
-            if used > quota:
-                status = OVER_QUOTA
-            elif e.known:
-                status = UPDATE
+            seen = recent.get(token) if token is not None else None
+            if seen is not None and now - seen[0] < RETRY_WINDOW:
+                result = seen[1]
             else:
-                status = INSERT
-            e.known = True
-            charge = Charge(used, quota, used > quota, status, e.loaded)
-            if token is not None:
-                recent[token] = (now, charge)
-                if len(recent) > MAX_RECENT:
-                    # Oldest first. (On a plain dict, next(iter()) after many deletions
-                    # from the front scans the holes they leave: quadratic.)
-                    recent.popitem(last=False)
-            return charge
+                self._entries.move_to_end(key)
+                e.seen = now
+                if now >= e.expiry:
+                    self._roll(key, e, now)
+                e.pending += n
+                self._dirty.add(key)
+                result = (e.base + e.inflight + e.pending, e.quota, e.known, e.loaded)
+                e.known = True
+                if token is not None:
+                    recent[token] = (now, result)
+                    if len(recent) > MAX_RECENT:
+                        # Oldest first. (On a plain dict, next(iter()) after many
+                        # deletions from the front scans the holes they leave.)
+                        recent.popitem(last=False)
+        used, quota, known, loaded = result
+        over = used > quota
+        return Charge(used, quota, over, OVER_QUOTA if over else UPDATE if known else INSERT,
+                      loaded)
 
     def install(self, key: str, row: Row | None, now: float) -> None:
         """Cache a key after a miss: ``row`` as loaded, or None when it has no row.
@@ -187,15 +189,19 @@ class QuotaCache:
             self._dirty = set()
         gens = [-1] * len(deltas)
         entries = self._entries
+        taken: list[tuple[str, int, int, int]] = []
         for start in range(0, len(dirty), LOCK_CHUNK):
             with self._lock:
                 for key in dirty[start:start + LOCK_CHUNK]:
                     e = entries.get(key)
                     if e is not None and e.pending:
-                        deltas.append(Delta(key, e.pending, e.expiry))
-                        gens.append(e.gen)
+                        taken.append((key, e.pending, e.expiry, e.gen))
                         e.inflight += e.pending
                         e.pending = 0
+        # Deltas are built outside the lock (their constructor is Python code).
+        for key, n, expiry, gen in taken:
+            deltas.append(Delta(key, n, expiry))
+            gens.append(gen)
         return Batch(deltas, gens)
 
     def restore(self, batch: Batch) -> None:
