@@ -705,9 +705,11 @@ class MySQLStorage:
                 # undoes the transaction itself), only marked finished for the pool.
                 _end(con, rollback=reachable)
                 if (kind is _Kind.CONNECTION and not write and not retried_connection
-                        and attempt < tries):
+                        and attempt < tries and not _timed_out(exc)):
                     # A pooled connection that died since its last check (server
                     # restarted): one more try on a fresh one before calling it down.
+                    # Not after a timeout: a server that did not answer one connection
+                    # will not answer the next, and a miss would wait twice as long.
                     retried_connection = True
                     reachable = None
                     continue
@@ -728,6 +730,20 @@ class MySQLStorage:
                     except _DRIVER_ERRORS:
                         log.debug("returning a connection to the pool failed", exc_info=True)
         raise AssertionError("unreachable")  # pragma: no cover -- the loop returns or raises
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether the driver error comes from a socket timeout (the server did not answer),
+    rather than a connection refused or reset. PyMySQL raises its error while handling
+    the socket's, so the timeout is on the ``__context__`` chain."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, TimeoutError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _end(con: Any, *, rollback: bool) -> None:
