@@ -90,7 +90,7 @@ class PolicyHandler(socketserver.BaseRequestHandler):
         mid_request = False
         while True:
             try:
-                data = recv(65536)
+                data = recv(16384)
             except BlockingIOError:  # SO_RCVTIMEO expired
                 if mid_request:
                     log.warning("client %s sent an incomplete request and then nothing for "
