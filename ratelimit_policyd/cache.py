@@ -6,13 +6,13 @@ happens outside it (a miss is loaded by the caller, then installed), so a slow o
 database never stalls requests for cached keys. Imports only the stdlib, ``model`` and
 ``window``.
 
-Every critical section is straight-line code that calls only C-level methods (dict and
-set operations, attribute stores): no Python function call, no loop. CPython switches
-threads only at Python calls and loop back-edges, so a thread never loses the GIL while
-it holds the lock, and hundreds of connection threads never queue behind a holder that
-is waiting for the GIL (a lock convoy, which cut throughput by two thirds at 200
-connections). Bulk operations of the flusher take the lock once per key for that
-reason; objects (Charge, Delta, Entry) are built outside it.
+Critical sections are short, straight-line dictionary work: no I/O, no loop, objects
+(Charge, Delta, Entry) built outside them; the flusher's bulk operations take the lock
+once per key. A thread can still lose the GIL inside one (CPython may switch threads
+after any call), so threads that find the lock taken yield the GIL to its holder
+instead of sleeping on it (``_take``): a sleeping waiter is handed the lock and then
+holds it while it waits for the GIL, every other thread queues behind it, and under
+load that convoy sustains itself (it cut throughput by half at 200 connections).
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ OVER_QUOTA: Final = "OVER_QUOTA"
 #: Postfix re-sends a request whose reply it did not get (``smtpd_policy_service_timeout``,
 #: 100 s by default, then ``retry_delay``): a repeat within this many seconds is a retry.
 RETRY_WINDOW: Final = 300.0
-#: Requests remembered for retry detection (about 200 bytes each).
-MAX_RECENT: Final = 100_000
+#: Requests remembered for retry detection (about 0.7 KB each with their strings).
+#: Postfix retries after a lost reply within seconds (retry_delay), so at most this many
+#: and at most RETRY_WINDOW seconds' worth are kept.
+MAX_RECENT: Final = 20_000
 #: Yields before a contended acquire blocks (see ``QuotaCache._take``).
 SPINS: Final = 1000
 
@@ -117,14 +119,12 @@ class QuotaCache:
         self.idle_ttl = idle_ttl
 
     def _take(self) -> None:
-        """Acquire the lock without ever sleeping on it while holding nothing else.
+        """Acquire the lock, yielding the GIL rather than sleeping while it is taken.
 
-        A blocking acquire that waits hands the lock to the waiter when it is released,
-        and the waiter then owns the lock while it waits for the GIL: every other thread
-        queues behind it (a convoy that, once started, sustains itself under load). The
-        try-acquire succeeds whenever the holder is not preempted, which the
-        straight-line critical sections make the rule; otherwise yield the GIL so that
-        the holder can finish.
+        With a blocking acquire, a waiter is woken owning the lock but not the GIL, and
+        every thread that reaches the cache meanwhile queues behind it. Trying again
+        after ``time.sleep(0)`` lets the holder (which needs the GIL to finish its few
+        statements) run first. A blocking acquire remains as the last resort.
         """
         lock = self._lock
         if lock.acquire(False):
@@ -144,8 +144,8 @@ class QuotaCache:
         request seen again within ``RETRY_WINDOW`` seconds is a retry of one whose reply
         was lost, and gets the same answer without being counted twice.
         """
-        # Computed before the lock (a Python call; cached by Calendar): the start of
-        # the next window, in case this key's window is over.
+        # Computed before the lock (cached by Calendar): the start of the next window,
+        # in case this key's window is over.
         next_expiry = self._calendar.next_boundary(now)
         self._take()
         try:
@@ -182,6 +182,8 @@ class QuotaCache:
                         # Oldest first. (On a plain dict, next(iter()) after many
                         # deletions from the front scans the holes they leave.)
                         recent.popitem(last=False)
+                    elif now - recent[next(iter(recent))][0] >= RETRY_WINDOW:
+                        recent.popitem(last=False)  # expired: one out per one in
         finally:
             self._lock.release()
         used, quota, known, loaded = result
@@ -426,6 +428,12 @@ class QuotaCache:
                     continue
                 if n and e.gen == gen:
                     e.inflight -= n
+                    if row is None:
+                        # Written, yet no row came back: the database refused this key
+                        # (e.g. a character its column cannot hold; logged by the
+                        # storage). Keep the counts here so its quota still holds
+                        # while the key stays cached.
+                        e.base += n
                 if row is None:
                     if (forget_missing and e.loaded and not e.pending and not e.inflight
                             and key not in self._dirty):

@@ -106,8 +106,10 @@ class DecisionLog:
     Lines reach the file within ``interval`` seconds; ``close()`` writes the rest.
     """
 
-    def __init__(self, interval: float = 0.2) -> None:
-        self._q: deque[tuple[float, str]] = deque()
+    def __init__(self, interval: float = 0.2, max_lines: int = 200_000) -> None:
+        # Bounded: if the log destination blocks (a full disk, a stuck syslog), the
+        # oldest unwritten lines are dropped rather than memory growing with traffic.
+        self._q: deque[tuple[float, str]] = deque(maxlen=max_lines)
         self.append = self._q.append
         self._interval = interval
         self._stop = threading.Event()

@@ -15,6 +15,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -88,6 +89,7 @@ class PolicyHandler(socketserver.BaseRequestHandler):
         request_timeout = srv.request_timeout
         _set_timeouts(sock, idle_timeout)
         mid_request = False
+        deadline = 0.0
         while True:
             try:
                 data = recv(16384)
@@ -123,13 +125,26 @@ class PolicyHandler(socketserver.BaseRequestHandler):
                         sock.sendall(out[sent:])
                 except OSError:  # includes SO_SNDTIMEO expiry: the client stopped reading
                     return
-            now_mid = decoder.pending > 0
-            if now_mid != mid_request:
-                mid_request = now_mid
-                _set_timeouts(sock, request_timeout if mid_request else idle_timeout)
+            if decoder.pending:
+                # A request has started: it must be complete by its deadline, however
+                # slowly the bytes trickle in (a per-receive timeout would let a client
+                # sending one byte a second hold the thread for 18 hours).
+                now = time.monotonic()
+                if not mid_request:
+                    mid_request = True
+                    deadline = now + request_timeout
+                elif now >= deadline:
+                    log.warning("client %s did not complete a request within %.0f s; closing",
+                                peer, request_timeout)
+                    return
+                _set_timeouts(sock, deadline - now)
+            elif mid_request:
+                mid_request = False
+                _set_timeouts(sock, idle_timeout)
 
 
 def _set_timeouts(sock: socket.socket, seconds: float) -> None:
+    seconds = max(seconds, 0.001)  # a zero timeval would mean "no timeout"
     tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)

@@ -292,13 +292,6 @@ def test_one_byte_per_second_is_closed(edge: DaemonProc) -> None:
     edge.wait_log("sent an incomplete request")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py applies request_timeout to each recv(), not to the whole request: "
-    "a client sending a byte more often than request_timeout holds the connection until "
-    "max_request_bytes (64 KiB at 2 bytes/s: 9 hours); the config documents request_timeout "
-    "as the time a started request may take to arrive completely",
-)
 def test_a_trickled_request_is_closed_after_request_timeout(edge: DaemonProc) -> None:
     request = request_bytes(sasl_username="trickle@example.com")
     with socket.create_connection(("127.0.0.1", edge.port), timeout=5) as s:

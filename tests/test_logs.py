@@ -1,0 +1,56 @@
+"""logs: the decision writer and the Perl daemon's line format."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ratelimit_policyd.config import LogSettings
+from ratelimit_policyd.logs import DecisionLog, setup_logging
+
+
+@pytest.fixture
+def logfile(tmp_path: Path) -> Iterator[Path]:
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+    path = tmp_path / "daemon.log"
+    installed = setup_logging(LogSettings(file=str(path)))
+    yield path
+    for h in installed:
+        root.removeHandler(h)
+        h.close()
+    for h in saved:
+        root.addHandler(h)
+    root.setLevel(level)
+
+
+def test_decision_lines_are_written_in_order_with_perl_timestamps(logfile: Path) -> None:
+    dl = DecisionLog(interval=3600)
+    for i in range(1000):
+        dl.append((1_700_000_000.0 + i / 100, f"Q{i}: client=x[1.2.3.4], status=UPDATE"))
+    assert dl.write_pending() == 1000
+    lines = logfile.read_text().splitlines()
+    assert [ln.split(" ", 5)[5].split(":")[0] for ln in lines] == [f"Q{i}" for i in range(1000)]
+    # Perl's scalar localtime(): "Tue Nov 14 22:13:20 2023"
+    assert len(lines[0].split(" ")[0]) == 3
+
+
+def test_lines_follow_a_renamed_file(logfile: Path) -> None:
+    dl = DecisionLog(interval=3600)
+    dl.append((1_700_000_000.0, "first"))
+    dl.write_pending()
+    logfile.rename(logfile.with_suffix(".1"))
+    dl.append((1_700_000_001.0, "second"))
+    dl.write_pending()
+    assert "first" in logfile.with_suffix(".1").read_text()
+    assert "second" in logfile.read_text()
+
+
+def test_the_queue_is_bounded() -> None:
+    dl = DecisionLog(interval=3600, max_lines=10)
+    for i in range(100):
+        dl.append((1.0, str(i)))
+    assert len(dl._q) == 10
