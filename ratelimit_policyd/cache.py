@@ -147,7 +147,8 @@ class QuotaCache:
         # Computed before the lock (cached by Calendar): the start of the next window,
         # in case this key's window is over.
         next_expiry = self._calendar.next_boundary(now)
-        self._take()
+        if not self._lock.acquire(False):  # the common case inline; see _take
+            self._take()
         try:
             e = self._entries.get(key)
             if e is None:

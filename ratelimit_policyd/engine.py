@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from ratelimit_policyd.cache import OVER_QUOTA, QuotaCache
+from ratelimit_policyd.cache import QuotaCache
 from ratelimit_policyd.codec import encode_reply
 from ratelimit_policyd.policy import Countable, Limits, Skip, classify
 from ratelimit_policyd.stats import ThreadCounters
@@ -115,7 +115,7 @@ class Engine:
                     f"[{get('client_address', '')}], sasl_method={get('sasl_method', '')}, "
                     f"sasl_username={get('sasl_username', '')}, recipient_count={what.n}, "
                     f"curr_count={charge.used}/{charge.quota}, "
-                    f"status={OVER_QUOTA if charge.over else charge.status}")
+                    f"status={charge.status}")
             if self._sink is not None:
                 self._sink((now, line))
             else:
