@@ -177,6 +177,42 @@ def test_updates_of_existing_rows_consume_no_auto_increment_ids(
     assert storage.load(keys[:1]) == {keys[0]: row(keys[0], 99, 39, E2, True)}
 
 
+def test_a_case_insensitive_perl_table_maps_rows_to_the_lowercase_key(
+    mariadb: MariaDB, mysql_db: str, mysql_url: str, opened: Callable[..., Storage]
+) -> None:
+    # The Perl table's older schema compares senders with utf8_general_ci, and the Perl
+    # daemon stored SASL usernames as given.
+    mariadb.execute(
+        "ALTER TABLE ratelimit MODIFY sender VARCHAR(255) CHARACTER SET utf8"
+        " COLLATE utf8_general_ci NOT NULL",
+        db=mysql_db,
+    )
+    mariadb.execute(
+        "INSERT INTO ratelimit (sender, quota, used, expiry, persist)"
+        " VALUES ('Alice@Example.COM', 500, 7, %s, 1)",
+        db=mysql_db,
+        args=(E1,),
+    )
+    storage = opened(mysql_url)
+
+    def next_id() -> int:
+        found = mariadb.execute(
+            "SELECT AUTO_INCREMENT FROM information_schema.TABLES"
+            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'ratelimit'",
+            db=mysql_db,
+        )
+        return int(found[0][0])
+
+    assert storage.load(["alice@example.com"]) == {
+        "alice@example.com": row("alice@example.com", 500, 7, E1, True)}
+    before = next_id()
+    assert storage.apply([Delta("alice@example.com", 2, E1)], 10) == {
+        "alice@example.com": row("alice@example.com", 500, 9, E1, True)}
+    assert next_id() == before  # the existing row was updated by its id
+    assert list(mariadb.execute("SELECT sender, used FROM ratelimit", db=mysql_db)) == [
+        ("Alice@Example.COM", 9)]
+
+
 # -- locks -------------------------------------------------------------------------------
 
 

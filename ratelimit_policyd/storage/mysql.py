@@ -11,6 +11,7 @@ import logging
 import random
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -470,8 +471,11 @@ class MySQLStorage:
         if info.autoinc is not None:
             # Lock the existing rows, in sender order, and learn their ids.
             lock = f"SELECT {_q(info.autoinc)}, {self._s} FROM {self._t} WHERE {self._s} IN "
+            match = _Matcher(senders)
             for key, sender in self._select_in(cur, lock, senders, " FOR UPDATE"):
-                ids[str(sender)] = int(key)
+                requested = match(str(sender))
+                if requested is not None:
+                    ids[requested] = int(key)
         for wave in _waves(ordered):
             known = [d for d in wave if d.sender in ids]
             new = [d for d in wave if d.sender not in ids]
@@ -604,7 +608,13 @@ class MySQLStorage:
 
     def _select_rows(self, cur: _Cursor, senders: Sequence[str]) -> dict[str, Row]:
         found = self._select_in(cur, self._select, senders)
-        return {r.sender: r for r in map(_row, found)}
+        match = _Matcher(senders)
+        rows: dict[str, Row] = {}
+        for r in map(_row, found):
+            key = match(r.sender)
+            if key is not None:
+                rows[key] = r if key == r.sender else r._replace(sender=key)
+        return rows
 
     def _select_in(
         self, cur: _Cursor, head: str, senders: Sequence[str], tail: str = ""
@@ -732,6 +742,34 @@ class MySQLStorage:
                     except _DRIVER_ERRORS:
                         log.debug("returning a connection to the pool failed", exc_info=True)
         raise AssertionError("unreachable")  # pragma: no cover -- the loop returns or raises
+
+
+class _Matcher:
+    """Which requested key a row the database returned belongs to.
+
+    With a case- or accent-insensitive collation (the Perl table's older schema uses
+    utf8_general_ci), ``WHERE sender IN ('alice@example.com')`` also finds a row the
+    Perl daemon stored as ``Alice@Example.com``. The row must count for the key that
+    was asked for, or the daemon would take it for missing and insert it again.
+    """
+
+    def __init__(self, requested: Sequence[str]) -> None:
+        self._exact = set(requested)
+        self._folded: dict[str, str] | None = None
+        self._requested = requested
+
+    def __call__(self, sender: str) -> str | None:
+        if sender in self._exact:
+            return sender
+        if self._folded is None:
+            self._folded = {_fold(k): k for k in self._requested}
+        return self._folded.get(_fold(sender))
+
+
+def _fold(text: str) -> str:
+    """Case and accents removed, trailing spaces ignored: how general_ci compares."""
+    decomposed = unicodedata.normalize("NFKD", text.rstrip(" "))
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
 
 def _timed_out(exc: BaseException) -> bool:
