@@ -15,6 +15,7 @@ from typing import Final
 
 from ratelimit_policyd.cache import QuotaCache
 from ratelimit_policyd.codec import encode_reply
+from ratelimit_policyd.loader import MissLoader
 from ratelimit_policyd.policy import Countable, Limits, Skip, classify
 from ratelimit_policyd.stats import ThreadCounters
 from ratelimit_policyd.storage.base import Storage, StorageError
@@ -40,6 +41,9 @@ class Engine:
         ``logs.DecisionLog``); without one, lines go through ``logging`` directly."""
         self.cache = cache
         self._sink = decision_sink
+        #: Reads the rows of missed keys in batches (``loader.MissLoader``); without
+        #: one, each miss reads its row itself.
+        self.loader: MissLoader | None = None
         self.log_decisions = True
         self.storage = storage
         self._clock = clock
@@ -128,6 +132,9 @@ class Engine:
             self.cache.install_unloaded(key, now)
             return
         try:
+            if self.loader is not None:
+                self.loader.load(key)  # batched with other misses; installs the row
+                return
             rows = self.storage.load([key])
         except StorageError as exc:
             self._db_down_until = now + DB_RETRY_AFTER

@@ -30,6 +30,7 @@ from ratelimit_policyd.config import ConfigError, Settings, redact_url, reload
 from ratelimit_policyd.control import ControlError, ControlServer, control_path
 from ratelimit_policyd.engine import DUNNO, Engine
 from ratelimit_policyd.flusher import Flusher
+from ratelimit_policyd.loader import MissLoader
 from ratelimit_policyd.logs import DecisionLog, setup_logging
 from ratelimit_policyd.model import Delta
 from ratelimit_policyd.server import AccessList, PolicyServer, parse_networks
@@ -150,6 +151,10 @@ class Daemon:
         self.engine = engine = Engine(limits, cache, storage,
                                       decision_sink=self.decision_log.append)
         engine.log_decisions = s.log.decisions
+        self.loader = MissLoader(storage, cache, time.time,
+                                 s.database.connect_timeout + s.database.read_timeout + 1.0)
+        self.loader.start()
+        engine.loader = self.loader
         self.flusher = Flusher(cache, storage, s.cache.flush_interval,
                                default_quota=lambda: self.engine.limits.default_quota,
                                on_db_ok=engine.db_ok)
@@ -260,6 +265,7 @@ class Daemon:
         left = self.server.drain(min(5.0, timeout / 2))
         if left:
             log.warning("%d connections still open at stop", left)
+        self.loader.stop()
         ok = self.flusher.close(timeout / 2)
         if not ok:
             self._write_spool()
