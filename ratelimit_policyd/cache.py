@@ -198,13 +198,7 @@ class QuotaCache:
         Insert-if-absent: when two threads missed the same key, the first install wins
         and the other's (equally fresh) row is dropped, so no count is lost.
         """
-        entry = self._entry_from_row(row, now)
-        self._take()
-        try:
-            if key not in self._entries:
-                self._entries[key] = entry
-        finally:
-            self._lock.release()
+        self._insert_if_absent(key, self._entry_from_row(row, now))
 
     def install_unloaded(self, key: str, now: float) -> None:
         """Cache a key whose row could not be read (database down): default quota.
@@ -212,8 +206,11 @@ class QuotaCache:
         Counts made meanwhile are flushed when the database is back; the row the flush
         returns then replaces the assumed quota and count.
         """
-        entry = Entry(self._default_quota, False, self._calendar.next_boundary(now), 0,
-                      known=True, loaded=False, now=now)
+        self._insert_if_absent(key, Entry(self._default_quota, False,
+                                          self._calendar.next_boundary(now), 0,
+                                          known=True, loaded=False, now=now))
+
+    def _insert_if_absent(self, key: str, entry: Entry) -> None:
         self._take()
         try:
             if key not in self._entries:

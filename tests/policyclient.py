@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import socket
 import time
+from pathlib import Path
 
 _instances = itertools.count(1)
 
@@ -93,3 +94,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_for_text(path: Path, needle: str, timeout: float = 15.0) -> str:
+    """The file's text once it contains ``needle``; AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if needle in text:
+            return text
+        time.sleep(0.05)
+    raise AssertionError(f"{needle!r} not in {path}:\n{text}")

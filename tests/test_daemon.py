@@ -7,13 +7,18 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.policyclient import PolicyClient, free_port, request_bytes, wait_for_port
+from tests.policyclient import (
+    PolicyClient,
+    free_port,
+    request_bytes,
+    wait_for_port,
+    wait_for_text,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,13 +62,7 @@ class DaemonProc:
         return None if row is None else int(row[0])
 
     def wait_log(self, needle: str, timeout: float = 15.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log.read_text() if self.log.exists() else ""
-            if needle in text:
-                return text
-            time.sleep(0.05)
-        raise AssertionError(f"{needle!r} not in log:\n{text}")
+        return wait_for_text(self.log, needle, timeout)
 
 
 @pytest.fixture

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.policyclient import PolicyClient, free_port, request_bytes, wait_for_port
+from tests.policyclient import (
+    PolicyClient,
+    free_port,
+    request_bytes,
+    wait_for_port,
+    wait_for_text,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,14 +103,7 @@ class Setup:
         return None if row is None else int(row[0])
 
     def wait_log(self, needle: str, timeout: float = 15.0) -> str:
-        deadline = time.monotonic() + timeout
-        text = ""
-        while time.monotonic() < deadline:
-            text = self.log.read_text() if self.log.exists() else ""
-            if needle in text:
-                return text
-            time.sleep(0.05)
-        raise AssertionError(f"{needle!r} not in log:\n{text}")
+        return wait_for_text(self.log, needle, timeout)
 
 
 @pytest.fixture
