@@ -316,8 +316,10 @@ def _check(s: Settings, errors: list[str]) -> None:
         bad("log.level", f"expected debug, info, warning or error, got {lg.level!r}")
     if lg.syslog_facility not in SYSLOG_FACILITIES:
         bad("log.syslog_facility", f"expected one of {', '.join(SYSLOG_FACILITIES)}")
-    if lg.file != "-" and not Path(lg.file).is_absolute():
-        bad("log.file", f"must be an absolute path or '-', got {lg.file!r}")
+    if lg.file not in ("-", "") and not Path(lg.file).is_absolute():
+        bad("log.file", f"must be an absolute path, '-' (stderr) or '' (none), got {lg.file!r}")
+    if lg.file == "" and not lg.syslog:
+        bad("log.file", "'' (no log file) needs log.syslog = true, or nothing is logged")
 
 
 def redact_url(url: str) -> str:

@@ -237,7 +237,7 @@ def prepare_paths(settings: Settings, acct: Account | None, pidfile: Path | None
         state = settings.state_dir()
         _ensure_dir(state, acct)
         _own(state, acct)
-        if settings.log.file != "-":
+        if settings.log.file not in ("-", ""):
             logfile = Path(settings.log.file)
             _ensure_dir(logfile.parent, acct)
             with logfile.open("a", encoding="utf-8"):
@@ -332,7 +332,7 @@ def _check_as_user(daemon: Daemon, settings: Settings) -> None:
         # The detached process opens its own connections; these would be closed under
         # the pool's feet by python-daemon.
         daemon.release_storage()
-    if settings.log.file != "-":
+    if settings.log.file not in ("-", ""):
         try:
             with open(settings.log.file, "a", encoding="utf-8"):
                 pass

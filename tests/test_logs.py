@@ -54,3 +54,36 @@ def test_the_queue_is_bounded() -> None:
     for i in range(100):
         dl.append((1.0, str(i)))
     assert len(dl._q) == 10
+
+
+def test_decisions_reach_syslog_with_ident_and_facility_mail(tmp_path: Path) -> None:
+    import socket
+
+    address = tmp_path / "log.sock"  # a stand-in for /dev/log: a unix datagram socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(address))
+        server.settimeout(5)
+        root = logging.getLogger()
+        saved, level = list(root.handlers), root.level
+        installed = setup_logging(LogSettings(file="", syslog=True,
+                                              syslog_address=str(address),
+                                              syslog_ident="ratelimit-policyd"))
+        try:
+            dl = DecisionLog(interval=3600)
+            dl.append((1_700_000_000.0, "Q1: client=x[1.2.3.4], sasl_method=PLAIN, "
+                                        "sasl_username=a@b, recipient_count=1, "
+                                        "curr_count=1/5, status=INSERT"))
+            dl.write_pending()
+            datagram = server.recv(4096).decode()
+        finally:
+            for h in installed:
+                root.removeHandler(h)
+                h.close()
+            for h in saved:
+                root.addHandler(h)
+            root.setLevel(level)
+    # <22> = facility mail (2) * 8 + severity info (6); ident[pid]: then the Perl line.
+    assert datagram.startswith("<22>ratelimit-policyd[")
+    assert datagram.rstrip("\x00").endswith(
+        "]: Q1: client=x[1.2.3.4], sasl_method=PLAIN, sasl_username=a@b, recipient_count=1, "
+        "curr_count=1/5, status=INSERT")
