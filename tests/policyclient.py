@@ -106,3 +106,12 @@ def wait_for_text(path: Path, needle: str, timeout: float = 15.0) -> str:
             return text
         time.sleep(0.05)
     raise AssertionError(f"{needle!r} not in {path}:\n{text}")
+
+
+def sqlite_used(db: Path, key: str) -> int | None:
+    """``used`` of a key's row in a daemon's SQLite database (None: no row)."""
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        row = con.execute("SELECT used FROM ratelimit WHERE sender = ?", (key,)).fetchone()
+    return None if row is None else int(row[0])

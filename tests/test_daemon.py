@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from tests.policyclient import (
     PolicyClient,
     free_port,
     request_bytes,
+    sqlite_used,
     wait_for_port,
     wait_for_text,
 )
@@ -57,9 +57,7 @@ class DaemonProc:
                 self.proc.stderr.close()
 
     def used(self, key: str) -> int | None:
-        with sqlite3.connect(self.db) as con:
-            row = con.execute("SELECT used FROM ratelimit WHERE sender = ?", (key,)).fetchone()
-        return None if row is None else int(row[0])
+        return sqlite_used(self.db, key)
 
     def wait_log(self, needle: str, timeout: float = 15.0) -> str:
         return wait_for_text(self.log, needle, timeout)

@@ -24,6 +24,7 @@ from tests.policyclient import (
     PolicyClient,
     free_port,
     request_bytes,
+    sqlite_used,
     wait_for_port,
     wait_for_text,
 )
@@ -98,9 +99,7 @@ class Setup:
         assert pid_gone(pid), f"daemon {pid} did not stop"
 
     def used(self, key: str) -> int | None:
-        with sqlite3.connect(self.db) as con:
-            row = con.execute("SELECT used FROM ratelimit WHERE sender = ?", (key,)).fetchone()
-        return None if row is None else int(row[0])
+        return sqlite_used(self.db, key)
 
     def wait_log(self, needle: str, timeout: float = 15.0) -> str:
         return wait_for_text(self.log, needle, timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,19 +13,28 @@ from ratelimit_policyd.config import LogSettings
 from ratelimit_policyd.logs import DecisionLog, setup_logging
 
 
-@pytest.fixture
-def logfile(tmp_path: Path) -> Iterator[Path]:
+@contextlib.contextmanager
+def logging_set_up(settings: LogSettings) -> Iterator[None]:
+    """The daemon's logging for the duration, then pytest's handlers back."""
     root = logging.getLogger()
     saved, level = list(root.handlers), root.level
+    installed = setup_logging(settings)
+    try:
+        yield
+    finally:
+        for h in installed:
+            root.removeHandler(h)
+            h.close()
+        for h in saved:
+            root.addHandler(h)
+        root.setLevel(level)
+
+
+@pytest.fixture
+def logfile(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "daemon.log"
-    installed = setup_logging(LogSettings(file=str(path)))
-    yield path
-    for h in installed:
-        root.removeHandler(h)
-        h.close()
-    for h in saved:
-        root.addHandler(h)
-    root.setLevel(level)
+    with logging_set_up(LogSettings(file=str(path))):
+        yield path
 
 
 def test_decision_lines_are_written_in_order_with_perl_timestamps(logfile: Path) -> None:
@@ -63,25 +73,14 @@ def test_decisions_reach_syslog_with_ident_and_facility_mail(tmp_path: Path) -> 
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
         server.bind(str(address))
         server.settimeout(5)
-        root = logging.getLogger()
-        saved, level = list(root.handlers), root.level
-        installed = setup_logging(LogSettings(file="", syslog=True,
-                                              syslog_address=str(address),
-                                              syslog_ident="ratelimit-policyd"))
-        try:
+        with logging_set_up(LogSettings(file="", syslog=True, syslog_address=str(address),
+                                        syslog_ident="ratelimit-policyd")):
             dl = DecisionLog(interval=3600)
             dl.append((1_700_000_000.0, "Q1: client=x[1.2.3.4], sasl_method=PLAIN, "
                                         "sasl_username=a@b, recipient_count=1, "
                                         "curr_count=1/5, status=INSERT"))
             dl.write_pending()
             datagram = server.recv(4096).decode()
-        finally:
-            for h in installed:
-                root.removeHandler(h)
-                h.close()
-            for h in saved:
-                root.addHandler(h)
-            root.setLevel(level)
     # <22> = facility mail (2) * 8 + severity info (6); ident[pid]: then the Perl line.
     assert datagram.startswith("<22>ratelimit-policyd[")
     assert datagram.rstrip("\x00").endswith(
