@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ratelimit_policyd.cache import QuotaCache
+from ratelimit_policyd.cache import Batch, QuotaCache
+from ratelimit_policyd.model import Row
 from ratelimit_policyd.storage.base import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class Flusher(threading.Thread):
         # flush_once runs in this thread and, for the final flush, in the stopping one.
         self._flush_lock = threading.Lock()
         self.stats = FlushStats()
+        # A batch whose COMMIT was not answered, and how to learn whether it committed.
+        self._in_doubt: tuple[Batch, Callable[[], dict[str, Row] | None]] | None = None
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
@@ -68,19 +71,38 @@ class Flusher(threading.Thread):
     def _flush_once(self) -> bool:
         started = time.monotonic()
         cache = self.cache
-        batch = cache.drain()
         ok = True
         written = 0
+        if self._in_doubt is not None:
+            # A write whose COMMIT was not answered: learn its outcome before writing
+            # anything else, so that it is neither lost nor written twice. Its counts
+            # stay visible (in flight) meanwhile.
+            doubtful, resolve = self._in_doubt
+            try:
+                resolved = resolve()
+            except StorageError as exc:
+                self._failed(exc, len(doubtful.deltas))
+                return self._finish_round(started, False, 0)
+            self._in_doubt = None
+            if resolved is None:
+                cache.restore(doubtful)
+            else:
+                cache.confirm(doubtful, resolved, self._clock())
+                written += len(doubtful.deltas)
+        batch = cache.drain()
         if batch.deltas:
             try:
                 rows = self.storage.apply(batch.deltas, self._default_quota())
             except StorageError as exc:
-                cache.restore(batch)
+                if exc.resolve is not None:
+                    self._in_doubt = (batch, exc.resolve)
+                else:
+                    cache.restore(batch)
                 ok = False
                 self._failed(exc, len(batch.deltas))
             else:
                 cache.confirm(batch, rows, self._clock())
-                written = len(batch.deltas)
+                written += len(batch.deltas)
         if ok:
             keys = cache.refresh_candidates(self._clock(), REFRESH_LIMIT)
             if keys:
@@ -92,6 +114,9 @@ class Flusher(threading.Thread):
                 else:
                     cache.refresh(keys, rows, self._clock())
         cache.evict(self._clock())
+        return self._finish_round(started, ok, written)
+
+    def _finish_round(self, started: float, ok: bool, written: int) -> bool:
         st = self.stats
         st.rounds += 1
         st.last_time = self._clock()

@@ -264,9 +264,11 @@ class MariaDB:
     def create_database(self, name: str) -> None:
         self.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
 
-    def apply_schema(self, db: str, path: Path = SCHEMA_FILE) -> None:
-        """Apply a shipped SQL file to ``db``, as an operator would."""
-        self.execute(path.read_text(encoding="utf-8"), db=db)
+    def apply_schema(self, db: str, path: Path | None = None) -> None:
+        """Apply a shipped SQL file to ``db``, as an operator would (default: every
+        file of sql/mysql/, in order)."""
+        for file in [path] if path is not None else sorted(SCHEMA_FILE.parent.glob("*.sql")):
+            self.execute(file.read_text(encoding="utf-8"), db=db)
 
     def create_user(self, db: str, grants: str = PERL_GRANTS) -> tuple[str, str]:
         """A user with ``grants`` on ``db``.* only; returns (user, password)."""

@@ -239,13 +239,6 @@ def test_locked_table_under_load(
     print(f"{load.summary()}; lost 0 of {sum(expected.values())}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a connection lost while the COMMIT of a flush is answered leaves the outcome "
-    "unknown to the daemon; the flusher treats it as failed and writes the batch again, "
-    "so a batch the server did commit is counted twice (needs an idempotent write, e.g. a "
-    "per-daemon flush sequence in the database; not a local fix)",
-)
 def test_connection_lost_during_commit_counts_once(
     mariadb: MariaDB, daemons: list[MySQLDaemon], tmp_path: Path
 ) -> None:

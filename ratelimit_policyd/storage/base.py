@@ -7,7 +7,7 @@ a lock of its own), never the quota cache's lock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,9 +22,15 @@ class StorageError(Exception):
     again (data too long, missing table or column, access denied).
     """
 
-    def __init__(self, message: str, *, transient: bool = True) -> None:
+    def __init__(self, message: str, *, transient: bool = True,
+                 resolve: Callable[[], dict[str, Row] | None] | None = None) -> None:
         super().__init__(message)
         self.transient = transient
+        #: Set when a write's outcome is unknown (the connection broke while the server
+        #: answered its COMMIT): call it later to learn the truth. It returns the rows
+        #: written if the write committed, None if it did not (send it again), and
+        #: raises StorageError while that cannot be known yet.
+        self.resolve = resolve
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,11 +7,13 @@ Imported only when a ``mysql://`` URL is configured. Sees only ``model`` and ``b
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
 import time
 import unicodedata
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -164,6 +166,7 @@ class _TableInfo:
     autoinc: str | None  # the AUTO_INCREMENT column: `id` in the Perl table
     max_length: int | None  # of the sender column: 255 in the Perl table
     charset: str | None  # of the sender column: utf8 (3-byte) in the Perl table
+    flushlog: bool = False  # the optional <table>_flushlog exists (idempotent flushes)
 
     def refuses(self, sender: str) -> str | None:
         """Why the sender column cannot hold this key, or None.
@@ -229,7 +232,23 @@ def schema_ddl(names: TableNames = TableNames()) -> list[str]:  # noqa: B008 -- 
         ") ENGINE = InnoDB DEFAULT CHARACTER SET = utf8",
         f"CREATE OR REPLACE VIEW {_q('view_' + names.table)} AS"
         f" SELECT `id`, {s}, {p}, {q}, {u}, {upd}, FROM_UNIXTIME({e}) AS {e} FROM {t}",
+        flushlog_ddl(names),
     ]
+
+
+def flushlog_name(names: TableNames) -> str:
+    return names.table + "_flushlog"
+
+
+def flushlog_ddl(names: TableNames = TableNames()) -> str:  # noqa: B008 -- frozen
+    """sql/mysql/002_flushlog.sql: the optional table that makes flushes idempotent."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS {_q(flushlog_name(names))} ("
+        " `daemon` VARCHAR(64) NOT NULL COMMENT 'one running daemon (random per start)',"
+        " `seq` BIGINT UNSIGNED NOT NULL COMMENT 'its last committed flush',"
+        " `updated` TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP,"
+        " PRIMARY KEY (`daemon`)) ENGINE = InnoDB"
+    )
 
 
 class MySQLStorage:
@@ -262,6 +281,10 @@ class MySQLStorage:
         self.where = f"{database} on {unix_socket or f'{host}:{port}'}"
         self._breaker = _Breaker()
         self._info: _TableInfo | None = None
+        # Identifies this process's flushes in the optional flush log.
+        self._daemon_id = uuid.uuid4().hex
+        self._flush_seq = itertools.count(1)
+        self._logged_flush = False
         self._closed = False
         connector = _Connector(
             self._breaker,
@@ -340,6 +363,13 @@ class MySQLStorage:
         )
         self._reset = f"UPDATE {t} SET {u} = 0, {upd} = NOW() WHERE {s} = %s"
         self._delete = f"DELETE FROM {t} WHERE {s} = %s"
+        fl = _q(flushlog_name(n))
+        self._flushlog_upsert = (
+            f"INSERT INTO {fl} (`daemon`, `seq`) VALUES (%s, %s)"
+            " ON DUPLICATE KEY UPDATE `seq` = VALUES(`seq`)"
+        )
+        self._flushlog_select = f"SELECT `seq` FROM {fl} WHERE `daemon` = %s"
+        self._flushlog_delete = f"DELETE FROM {fl} WHERE `daemon` = %s"
 
     # -- schema ---------------------------------------------------------------------
 
@@ -450,15 +480,41 @@ class MySQLStorage:
         if not deltas:
             return {}
         ordered = sorted(deltas, key=lambda d: d.sender)
+        seq = next(self._flush_seq)
+
+        def resolve() -> dict[str, Row] | None:
+            # The COMMIT's answer was lost. With the flush log, the daemon's row there
+            # says whether this transaction committed; without it nobody can tell, and
+            # the batch is sent again (it may then count twice).
+            if not self._logged_flush:
+                return None
+
+            def check(cur: _Cursor) -> bool:
+                cur.execute(self._flushlog_select, (self._daemon_id,))
+                found = cur.fetchall()
+                return bool(found) and int(found[0][0]) >= seq
+
+            if not self._run("check a flush whose COMMIT was not answered", check):
+                return None
+            log.warning("the COMMIT of flush %d was not answered, but it committed: "
+                        "not written again", seq)
+            return self.load(sorted({d.sender for d in ordered}))
+
         return self._run(
             "apply counts",
-            lambda cur: self._apply(cur, ordered, default_quota),
+            lambda cur: self._apply(cur, ordered, default_quota, seq),
             write=True,
             attempts=TX_ATTEMPTS,
+            on_commit_lost=resolve,
         )
 
-    def _apply(self, cur: _Cursor, ordered: list[Delta], default_quota: int) -> dict[str, Row]:
+    def _apply(self, cur: _Cursor, ordered: list[Delta], default_quota: int,
+               seq: int) -> dict[str, Row]:
         info = self._table_info(cur)
+        self._logged_flush = info.flushlog
+        if info.flushlog:
+            # In the same transaction as the counts: this row says whether they committed.
+            cur.execute(self._flushlog_upsert, (self._daemon_id, seq))
         dropped: set[str] = set()
         for delta in ordered:
             reason = info.refuses(delta.sender)
@@ -562,7 +618,13 @@ class MySQLStorage:
             if str(name).lower() == self.names.sender.lower():
                 max_length = None if length is None else int(length)
                 charset = None if character_set is None else str(character_set)
-        info = _TableInfo(autoinc, max_length, charset)
+        cur.execute(
+            "SELECT COUNT(*) FROM information_schema.TABLES"
+            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s",
+            (flushlog_name(self.names),),
+        )
+        flushlog = bool(cur.fetchall()[0][0])
+        info = _TableInfo(autoinc, max_length, charset, flushlog)
         if found:  # no table yet: look again next time (init-db may be running)
             self._info = info
         return info
@@ -601,6 +663,13 @@ class MySQLStorage:
         )
 
     def close(self) -> None:
+        if self._logged_flush and not self._closed:
+            try:  # this process's row in the flush log is of no use once it stops
+                self._run("forget the flush log row",
+                          lambda cur: cur.execute(self._flushlog_delete, (self._daemon_id,)),
+                          write=True)
+            except StorageError:
+                log.debug("could not delete the flush log row", exc_info=True)
         self._closed = True
         self._pool.close()
 
@@ -670,8 +739,13 @@ class MySQLStorage:
         *,
         write: bool = False,
         attempts: int = 1,
+        on_commit_lost: Callable[[], dict[str, Row] | None] | None = None,
     ) -> T:
         """Run ``work`` in one transaction on a pooled connection; map every error.
+
+        ``on_commit_lost``: the connection broke while the server answered the COMMIT,
+        so the outcome is unknown; the StorageError raised then carries this function
+        as ``resolve`` (see ``StorageError``).
 
         Commits on success (reads too: it ends the snapshot and releases metadata
         locks), rolls back on failure, and retries up to ``attempts`` times when InnoDB
@@ -687,6 +761,7 @@ class MySQLStorage:
             con: Any = None
             reachable: bool | None = None  # None: this call did not find out
             reason = ""
+            committing = False
             try:
                 con = self._pool.connection()
                 if self._breaker.holds_back():
@@ -698,6 +773,7 @@ class MySQLStorage:
                     result = work(cur)
                 finally:
                     cur.close()
+                committing = True
                 con.commit()
                 reachable = True
                 return result
@@ -725,6 +801,12 @@ class MySQLStorage:
                     retried_connection = True
                     reachable = None
                     continue
+                if committing and kind is _Kind.CONNECTION and on_commit_lost is not None:
+                    raise StorageError(
+                        f"cannot {action} in {self.where}: {_describe(exc)} while the"
+                        " COMMIT was answered: outcome unknown",
+                        transient=True, resolve=on_commit_lost,
+                    ) from exc
                 if kind is _Kind.RETRY and attempt < attempts:
                     log.info("%s: %s; retrying (%d/%d)", action, _describe(exc), attempt, attempts)
                     # Random jitter, so that two daemons do not collide again in step.
