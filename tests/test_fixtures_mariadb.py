@@ -62,7 +62,8 @@ def test_mysql_url_has_the_schema_and_only_the_perl_grants(
     mariadb: MariaDB, mysql_db: str, mysql_url: str
 ) -> None:
     tables = mariadb.execute("SHOW FULL TABLES", db=mysql_db)
-    assert sorted(tables) == [("ratelimit", "BASE TABLE"), ("view_ratelimit", "VIEW")]
+    assert sorted(tables) == [("ratelimit", "BASE TABLE"), ("ratelimit_flushlog", "BASE TABLE"),
+                              ("view_ratelimit", "VIEW")]
     user = mysql_url.split("//")[1].split(":")[0]
     grants = [g for (g,) in mariadb.execute(f"SHOW GRANTS FOR '{user}'@'%'")]
     assert any(f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{mysql_db}`.*" in g for g in grants)
