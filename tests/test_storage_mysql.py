@@ -151,6 +151,15 @@ def test_the_view_shows_expiry_as_a_date(
     assert isinstance(rows[0][2], datetime)
 
 
+def next_auto_increment(mariadb: MariaDB, db: str) -> int:
+    found = mariadb.execute(
+        "SELECT AUTO_INCREMENT FROM information_schema.TABLES"
+        " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'ratelimit'",
+        db=db,
+    )
+    return int(found[0][0])
+
+
 def test_updates_of_existing_rows_consume_no_auto_increment_ids(
     mariadb: MariaDB, mysql_db: str, mysql_url: str, opened: Callable[..., Storage]
 ) -> None:
@@ -158,21 +167,13 @@ def test_updates_of_existing_rows_consume_no_auto_increment_ids(
     keys = [f"k{i:03d}@x" for i in range(50)]
     storage.apply([Delta(k, 1, E1) for k in keys], 10)
 
-    def next_id() -> int:
-        found = mariadb.execute(
-            "SELECT AUTO_INCREMENT FROM information_schema.TABLES"
-            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'ratelimit'",
-            db=mysql_db,
-        )
-        return int(found[0][0])
-
-    before = next_id()
+    before = next_auto_increment(mariadb, mysql_db)
     for _ in range(20):  # twenty flushes of fifty known keys, across a window change
         storage.apply([Delta(k, 1, E1) for k in keys] + [Delta(k, 1, E2) for k in keys], 10)
     storage.set_quota(keys[0], 99, True, E2)
     # The Perl table's id is a signed INT: an upsert that burnt an id per key and flush
     # would run out within weeks on a busy server.
-    assert next_id() == before
+    assert next_auto_increment(mariadb, mysql_db) == before
     # 1 at E1; then the first flush resets to 1 at E2, and each later one adds 2.
     assert storage.load(keys[:1]) == {keys[0]: row(keys[0], 99, 39, E2, True)}
 
@@ -195,20 +196,13 @@ def test_a_case_insensitive_perl_table_maps_rows_to_the_lowercase_key(
     )
     storage = opened(mysql_url)
 
-    def next_id() -> int:
-        found = mariadb.execute(
-            "SELECT AUTO_INCREMENT FROM information_schema.TABLES"
-            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'ratelimit'",
-            db=mysql_db,
-        )
-        return int(found[0][0])
-
     assert storage.load(["alice@example.com"]) == {
         "alice@example.com": row("alice@example.com", 500, 7, E1, True)}
-    before = next_id()
+    before = next_auto_increment(mariadb, mysql_db)
     assert storage.apply([Delta("alice@example.com", 2, E1)], 10) == {
         "alice@example.com": row("alice@example.com", 500, 9, E1, True)}
-    assert next_id() == before  # the existing row was updated by its id
+    # The existing row was updated by its id.
+    assert next_auto_increment(mariadb, mysql_db) == before
     assert list(mariadb.execute("SELECT sender, used FROM ratelimit", db=mysql_db)) == [
         ("Alice@Example.COM", 9)]
 
