@@ -243,7 +243,7 @@ def _migrate_keys(storage: Storage, *, apply: bool) -> int:
         print("no key that is not lower case: nothing to migrate")
         return os.EX_OK
     now = int(time.time())
-    done = conflicts = failed = 0
+    done = rows = conflicts = failed = 0
     for target, sources in groups.items():
         try:
             plan = storage.merge_keys(target, sources, now, apply=apply)
@@ -258,12 +258,13 @@ def _migrate_keys(storage: Storage, *, apply: bool) -> int:
         if plan is None:  # merged or deleted since they were listed
             continue
         done += 1
+        rows += len(plan.sources)
         conflicts += plan.conflict
         for line in _merge_report(plan, apply):
             print(line)
         print()
     verb = "merged" if apply else "would merge"
-    print(f"{verb} {sum(len(s) for s in groups.values())} row(s) into {done} lower-case "
+    print(f"{verb} {rows} row(s) into {done} lower-case "
           f"key(s); {conflicts} quota conflict(s)"
           + (f"; {failed} key(s) failed (see above)" if failed else ""))
     if not apply:
