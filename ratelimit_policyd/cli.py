@@ -25,7 +25,10 @@ from ratelimit_policyd.config import (
     load,
     redact_url,
 )
+from ratelimit_policyd.model import Row
 from ratelimit_policyd.status import rows_table
+from ratelimit_policyd.storage.base import Storage
+from ratelimit_policyd.storage.keymerge import KeyMerge
 
 #: LSB exit codes of ``status`` (and of init scripts' ``status``).
 STATUS_NOT_RUNNING = 3
@@ -163,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--over-quota", action="store_true", help="only keys at or over quota")
     p.add_argument("--top", type=_positive_int, metavar="N",
                    help="the N keys with the highest usage")
+    p = sub.add_parser("migrate-keys",
+                       help="merge rows whose key is not lower case (the Perl daemon's) into "
+                            "the lower-case key; a dry run unless --apply")
+    _add_common(p)
+    p.add_argument("--apply", action="store_true",
+                   help="do the merge (default: print what would be done, change nothing)")
     return parser
 
 
@@ -222,6 +231,77 @@ def _dispatch(ns: argparse.Namespace, settings: Settings) -> int:
             print()
         return os.EX_OK
     return _cmd_admin(ns, settings)
+
+
+def _migrate_keys(storage: Storage, *, apply: bool) -> int:
+    """``migrate-keys``: one transaction per lower-case key; a report per key."""
+    from ratelimit_policyd.storage.base import StorageError
+    from ratelimit_policyd.storage.keymerge import group_by_target
+
+    groups = group_by_target(storage.mixed_case_rows())
+    if not groups:
+        print("no key that is not lower case: nothing to migrate")
+        return os.EX_OK
+    now = int(time.time())
+    done = rows = conflicts = failed = 0
+    for target, sources in groups.items():
+        try:
+            plan = storage.merge_keys(target, sources, now, apply=apply)
+        except StorageError as exc:
+            print(f"ratelimit-policyd: database: {target}: {exc}", file=sys.stderr)
+            if exc.transient:
+                print(f"ratelimit-policyd: stopped after {done} of {len(groups)} keys; "
+                      "run the command again", file=sys.stderr)
+                return os.EX_UNAVAILABLE
+            failed += 1
+            continue
+        if plan is None:  # merged or deleted since they were listed
+            continue
+        done += 1
+        rows += len(plan.sources)
+        conflicts += plan.conflict
+        for line in _merge_report(plan, apply):
+            print(line)
+        print()
+    verb = "merged" if apply else "would merge"
+    print(f"{verb} {rows} row(s) into {done} lower-case "
+          f"key(s); {conflicts} quota conflict(s)"
+          + (f"; {failed} key(s) failed (see above)" if failed else ""))
+    if not apply:
+        print("dry run: nothing was changed; run `ratelimit-policyd migrate-keys --apply` "
+              "to merge")
+    return os.EX_DATAERR if failed else os.EX_OK
+
+
+def _merge_report(plan: KeyMerge, apply: bool) -> list[str]:
+    from ratelimit_policyd.status import fmt_time, table
+
+    def window(r: Row) -> str:
+        return "current" if plan.live(r) else "ended: not counted"
+
+    rows = ([plan.target_row] if plan.target_row is not None else []) + list(plan.sources)
+    lines = [f"{plan.target} <- {', '.join(r.sender for r in plan.sources)}"]
+    lines += ["  " + ln for ln in table(
+        ("SENDER", "QUOTA", "USED", "EXPIRY", "PERSIST", "WINDOW"),
+        ((r.sender, r.quota, r.used, fmt_time(r.expiry), "yes" if r.persist else "no",
+          window(r)) for r in rows))]
+    steps = []
+    if plan.renamed is not None:
+        steps.append(f"rename {plan.renamed} to {plan.target} (no lower-case row)")
+    if plan.merged:
+        steps.append(f"add {plan.added} to {plan.target}, then delete "
+                     + ", ".join(r.sender for r in plan.merged))
+    lines.append(("  done: " if apply else "  plan: ") + "; ".join(steps))
+    after = plan.after
+    used_after = after.used if after is not None else plan.used_after
+    lines.append(f"  used in the current window: {plan.used_before} before, {used_after} after"
+                 f" (window ends {fmt_time(after.expiry if after else plan.expiry)})")
+    persist = "persistent" if plan.persist else "not persistent"
+    lines.append(f"  quota: {plan.quota}, {persist}: {plan.quota_reason}")
+    if plan.conflict:
+        lines.append(f"  CONFLICT: persistent quotas disagree; {plan.quota} kept; check it "
+                     f"with `ratelimit-policyd set-quota {plan.target} N --persist`")
+    return lines
 
 
 def _toml(value: Any) -> str:
@@ -288,6 +368,10 @@ def _cmd_admin(ns: argparse.Namespace, settings: Settings) -> int:
         print(f"ratelimit-policyd: quota must be between 0 and {MAX_QUOTA}, got {ns.quota}",
               file=sys.stderr)
         return os.EX_USAGE
+    if ns.command == "migrate-keys" and not limits.lowercase_keys:
+        print("limits.lowercase_keys is false: keys are counted as stored, so every row is "
+              "in use; nothing to migrate")
+        return os.EX_OK
     key = getattr(ns, "key", None)
     if key is not None:
         key = key.strip()
@@ -325,6 +409,8 @@ def _cmd_admin(ns: argparse.Namespace, settings: Settings) -> int:
             for line in rows_table(rows):
                 print(line)
             return os.EX_OK
+        if ns.command == "migrate-keys":
+            return _migrate_keys(storage, apply=ns.apply)
         assert key is not None
         if ns.command == "show":
             row = storage.load([key]).get(key)

@@ -60,6 +60,23 @@ def sd_notify(message: str) -> None:
         log.warning("sd_notify(%s) failed: %s", message, exc)
 
 
+def warn_mixed_case_keys(storage: Storage) -> None:
+    """One WARNING when rows have keys that are not lower case (the Perl daemon's):
+    this daemon counts lower-case keys only. A database that cannot answer now is
+    skipped (on MySQL it fails fast: check_schema has just found it unreachable)."""
+    try:
+        rows = storage.mixed_case_rows()
+    except StorageError as exc:
+        log.info("could not look for keys that are not lower case: %s", exc)
+        return
+    if rows:
+        log.warning("%d row(s) have keys that are not lower case (e.g. %r), left by the Perl "
+                    "daemon: keys are lower-cased (limits.lowercase_keys), so on a "
+                    "case-sensitive table their quota and counts do not apply; run "
+                    "`ratelimit-policyd migrate-keys` to see the merge, then with --apply",
+                    len(rows), rows[0].sender)
+
+
 class Daemon:
     """One running policy daemon."""
 
@@ -143,6 +160,8 @@ class Daemon:
         storage = self.storage
         assert storage is not None
         limits = s.policy_limits()
+        if limits.lowercase_keys:
+            warn_mixed_case_keys(storage)
         cache = QuotaCache(s.calendar(), limits.default_quota,
                            max_entries=s.cache.max_entries, idle_ttl=s.cache.idle_ttl)
         self.cache = cache

@@ -285,3 +285,130 @@ def test_changes_reach_a_running_daemon(backend: Backend, running: DaemonProc) -
         assert blocked.returncode == 0
         # A key the daemon has not cached yet is read on its first request.
         assert c.ask(request_bytes(sasl_username="bob@example.com")) == over
+
+
+# -- migrate-keys: the Perl daemon's mixed-case rows ---------------------------------------
+
+
+def _window_end() -> int:
+    """The end of the daemon's current window (daily, local time: the defaults)."""
+    from ratelimit_policyd.config import Settings
+
+    return Settings().calendar().next_boundary(time.time())
+
+
+def _insert(backend: Backend, sender: str, quota: int, used: int, expiry: int,
+            persist: int) -> None:
+    p = backend.placeholder
+    backend.execute("INSERT INTO ratelimit (sender, quota, used, expiry, persist) "
+                    f"VALUES ({p}, {p}, {p}, {p}, {p})", (sender, quota, used, expiry, persist))
+
+
+def test_migrate_keys_merges_into_the_key_a_running_daemon_counts(
+    backend: Backend, running: DaemonProc
+) -> None:
+    # The issue's case: the Perl daemon's row with the operator's persistent quota 3 ...
+    end = _window_end()
+    _insert(backend, "Alice@Example.com", 3, 1, end, 1)
+    _insert(backend, "ALICE@example.com", 9, 40, end - 2 * 86400, 1)  # an ended window
+    with PolicyClient(running.port) as c:
+        # ... is not read: the lower-case key gets a row with the default quota (2).
+        assert [c.ask(request_bytes()) for _ in range(2)] == ["DUNNO", "DUNNO"]
+        _wait_db(backend, "alice@example.com", "2", "2")
+
+        dry = backend.run("migrate-keys")
+        assert dry.returncode == 0, dry.stderr
+        assert "alice@example.com <- ALICE@example.com, Alice@Example.com" in dry.stdout
+        assert "used in the current window: 2 before, 3 after" in dry.stdout
+        assert ("persistent quotas disagree (ALICE@example.com 9, Alice@Example.com 3): "
+                "kept the most restrictive, 3") in dry.stdout
+        assert "CONFLICT" in dry.stdout
+        assert "dry run: nothing was changed" in dry.stdout
+        assert [r[0] for r in _table(backend.run("list").stdout)[1:]] == [
+            "ALICE@example.com", "Alice@Example.com", "alice@example.com"]
+
+        # With the daemon running: the merge adds to the row the daemon writes to.
+        applied = backend.run("migrate-keys", "--apply")
+        assert applied.returncode == 0, applied.stderr
+        assert "done: add 1 to alice@example.com, then delete ALICE@example.com, " \
+               "Alice@Example.com" in applied.stdout
+        listed = _table(backend.run("list").stdout)
+        assert [(r[0], r[1], r[2], r[-1]) for r in listed[1:]] == [
+            ("alice@example.com", "3", "3", "yes")]
+        _wait_row(running, "alice@example.com", "3", "3")
+        assert c.ask(request_bytes()) == "471 daily message quota exceeded"
+
+    again = backend.run("migrate-keys", "--apply")
+    assert again.returncode == 0 and "nothing to migrate" in again.stdout
+
+
+def test_migrate_keys_with_case_sensitive_keys_configured_does_nothing(
+    backend: Backend, tmp_path: Path
+) -> None:
+    _insert(backend, "Kept@Example.com", 3, 1, _window_end(), 1)
+    conf = tmp_path / "case.conf"
+    conf.write_text("[limits]\nlowercase_keys = false\n")
+    result = backend.run("migrate-keys", "--apply", "--config", str(conf))
+    assert result.returncode == 0, result.stderr
+    assert "nothing to migrate" in result.stdout
+    assert _table(backend.run("list").stdout)[1][0] == "Kept@Example.com"
+
+
+def _sqlite_with_mixed_rows(tmp_path: Path) -> Path:
+    db = tmp_path / "db.sqlite3"  # where DaemonProc points the daemon
+    assert subprocess.run([*CLI, "init-db", "--db", f"sqlite:///{db}"], timeout=30,
+                          capture_output=True).returncode == 0
+    with sqlite3.connect(db) as con:
+        con.executemany("INSERT INTO ratelimit (sender, quota, used, expiry, persist) "
+                        "VALUES (?, 3, 0, 0, 1)", [("Mixed@Example.com",), ("Other@X",),
+                                                   ("lower@x",)])
+    return db
+
+
+def test_the_daemon_warns_at_start_about_mixed_case_keys(tmp_path: Path) -> None:
+    _sqlite_with_mixed_rows(tmp_path)
+    d = DaemonProc(tmp_path)
+    try:
+        text = d.wait_log("listening on")
+    finally:
+        assert d.stop() == 0
+    warnings = [ln for ln in text.splitlines() if "migrate-keys" in ln]
+    assert len(warnings) == 1, text
+    assert "WARNING" in warnings[0] and "2 row(s) have keys that are not lower case" in \
+        warnings[0] and "`ratelimit-policyd migrate-keys`" in warnings[0]
+
+
+def test_no_warning_when_keys_are_case_sensitive_by_configuration(tmp_path: Path) -> None:
+    _sqlite_with_mixed_rows(tmp_path)
+    conf = tmp_path / "case.conf"
+    conf.write_text("[limits]\nlowercase_keys = false\n")
+    d = DaemonProc(tmp_path, config=conf)
+    try:
+        text = d.wait_log("listening on")
+    finally:
+        assert d.stop() == 0
+    assert "migrate-keys" not in text and "not lower case" not in text
+
+
+@pytest.mark.mysql
+def test_the_start_check_is_skipped_while_the_database_is_down(
+    tmp_path: Path, private_mariadb: Callable[[], Any]
+) -> None:
+    server = private_mariadb()
+    server.create_database("policyd")
+    server.apply_schema("policyd")
+    server.execute("INSERT INTO ratelimit (sender, quota, expiry) VALUES ('Mixed@X', 3, 0)",
+                   db="policyd")
+    user, password = server.create_user("policyd")
+    url = server.url("policyd", user, password)
+    server.stop()
+    d = DaemonProc(tmp_path, "--db", url)
+    try:
+        text = d.wait_log("listening on")
+        with PolicyClient(d.port) as c:  # and it answers, from memory
+            assert c.ask(request_bytes()) == "DUNNO"
+    finally:
+        assert d.stop() == 0
+    assert "INFO ratelimit_policyd.lifecycle: could not look for keys that are not lower " \
+           "case" in text
+    assert "migrate-keys" not in text

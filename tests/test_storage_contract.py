@@ -465,6 +465,116 @@ def test_admin_changes_from_another_process_are_seen_by_the_daemon(backend: Back
     assert daemon.apply([Delta("a@x", 1, E1)], 10)["a@x"] == row("a@x", 99, 5, E1, True)
 
 
+# -- migrate-keys: rows the Perl daemon stored with mixed-case keys ---------------------
+
+NOW = E1 - 600  # E1 ends the current window; E0 ended before NOW
+E0 = E1 - 3600
+
+
+def rows_of(backend: Backend) -> list[tuple[Any, ...]]:
+    return sorted(backend.sql("SELECT sender, quota, used, expiry, persist FROM ratelimit"))
+
+
+def test_mixed_case_rows_are_the_ones_the_daemon_never_reads(
+    backend: Backend, storage: Storage
+) -> None:
+    for sender in ("Mixed@Example.com", "lower@example.com", "Example.ORG",
+                   "ÄRGER@bücher.example", "jörg@bücher.example", "o'Brien@x"):
+        put(backend, sender, quota=5, used=1, expiry=E1)
+    # Python's str.lower() decides, as for the daemon's keys: non-ASCII letters included.
+    assert sorted(r.sender for r in storage.mixed_case_rows()) == sorted(
+        ["Mixed@Example.com", "Example.ORG", "ÄRGER@bücher.example", "o'Brien@x"])
+
+
+def test_merge_sums_the_current_window_and_keeps_the_smallest_persistent_quota(
+    backend: Backend, storage: Storage
+) -> None:
+    # The case: the operator's persistent quota 3 on the Perl daemon's row, and
+    # the lower-case row this daemon created meanwhile with the default quota.
+    put(backend, "Mixed@Example.com", quota=3, used=5, expiry=E1, persist=1)
+    put(backend, "MIXED@example.com", quota=10, used=7, expiry=E0, persist=1)  # window over
+    put(backend, "mixed@example.com", quota=1000, used=2, expiry=E1)
+    before = rows_of(backend)
+    sources = ["MIXED@example.com", "Mixed@Example.com"]
+
+    plan = storage.merge_keys("mixed@example.com", sources, NOW, apply=False)
+    assert plan is not None and plan.after is None
+    assert rows_of(backend) == before, "a dry run changes nothing"
+    assert (plan.used_before, plan.added, plan.used_after) == (2, 5, 7)
+    assert (plan.quota, plan.persist, plan.conflict) == (3, True, True)
+    assert "most restrictive" in plan.quota_reason and plan.renamed is None
+
+    done = storage.merge_keys("mixed@example.com", sources, NOW, apply=True)
+    assert done is not None
+    assert done.after == row("mixed@example.com", 3, 7, E1, True)
+    assert rows_of(backend) == [("mixed@example.com", 3, 7, E1, 1)]
+    assert storage.mixed_case_rows() == []
+    assert storage.merge_keys("mixed@example.com", sources, NOW, apply=True) is None
+
+
+def test_quota_zero_is_the_most_restrictive_persistent_quota(
+    backend: Backend, storage: Storage
+) -> None:
+    put(backend, "Blocked@x", quota=0, used=0, expiry=E1, persist=1)
+    put(backend, "blocked@x", quota=50, used=4, expiry=E1, persist=1)
+    done = storage.merge_keys("blocked@x", ["Blocked@x"], NOW, apply=True)
+    assert done is not None and done.conflict
+    assert rows_of(backend) == [("blocked@x", 0, 4, E1, 1)]
+
+
+def test_without_persistent_rows_the_lowercase_rows_quota_stays(
+    backend: Backend, storage: Storage
+) -> None:
+    put(backend, "Bob@x", quota=20, used=3, expiry=E1)
+    put(backend, "bob@x", quota=1000, used=4, expiry=E1)
+    done = storage.merge_keys("bob@x", ["Bob@x"], NOW, apply=True)
+    assert done is not None and not done.conflict and not done.persist
+    assert rows_of(backend) == [("bob@x", 1000, 7, E1, 0)]
+
+
+def test_without_a_lowercase_row_one_source_is_renamed_and_the_others_merged(
+    backend: Backend, storage: Storage
+) -> None:
+    put(backend, "Carol@x", quota=8, used=1, expiry=E1, persist=1)
+    put(backend, "CAROL@x", quota=1000, used=2, expiry=E1)
+    put(backend, "Solo@Y", quota=40, used=6, expiry=E0)
+    carol = storage.merge_keys("carol@x", ["CAROL@x", "Carol@x"], NOW, apply=True)
+    solo = storage.merge_keys("solo@y", ["Solo@Y"], NOW, apply=True)
+    # The persistent row is the one kept (renamed); the other's count is added to it.
+    assert carol is not None and carol.renamed == "Carol@x"
+    assert solo is not None and solo.renamed == "Solo@Y"
+    assert rows_of(backend) == [("carol@x", 8, 3, E1, 1), ("solo@y", 40, 6, E0, 0)]
+
+
+def test_an_ended_lowercase_window_restarts_with_the_current_counts(
+    backend: Backend, storage: Storage
+) -> None:
+    put(backend, "Dave@x", quota=9, used=4, expiry=E1, persist=1)
+    put(backend, "dave@x", quota=1000, used=900, expiry=E0)
+    done = storage.merge_keys("dave@x", ["Dave@x"], NOW, apply=True)
+    assert done is not None and done.used_before == 0
+    assert rows_of(backend) == [("dave@x", 9, 4, E1, 1)]
+
+
+def test_a_count_the_daemon_adds_after_the_dry_run_is_kept(
+    backend: Backend, storage: Storage
+) -> None:
+    # The merge re-reads the rows in its own transaction and adds to the target: the
+    # count a running daemon flushed since the dry run is neither lost nor doubled.
+    put(backend, "Eve@x", quota=3, used=2, expiry=E1, persist=1)
+    daemon = storage
+    admin = backend.open()
+    daemon.apply([Delta("eve@x", 1, E1)], default_quota=1000)
+    plan = admin.merge_keys("eve@x", ["Eve@x"], NOW, apply=False)
+    assert plan is not None and plan.used_after == 3
+    daemon.apply([Delta("eve@x", 4, E1)], default_quota=1000)
+    done = admin.merge_keys("eve@x", ["Eve@x"], NOW, apply=True)
+    assert done is not None and done.after == row("eve@x", 3, 7, E1, True)
+    # And the daemon's next flush adds to the merged row, under the persistent quota.
+    assert daemon.apply([Delta("eve@x", 1, E1)], default_quota=1000) == {
+        "eve@x": row("eve@x", 3, 8, E1, True)}
+
+
 # -- schema ----------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ timeout is honoured, not measurements.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -207,6 +208,78 @@ def test_a_case_insensitive_perl_table_maps_rows_to_the_lowercase_key(
         ("Alice@Example.COM", 9)]
 
 
+def _perl_table(mariadb: MariaDB, db: str, collation: str) -> None:
+    """The Perl daemon's table as onlime/ratelimit-policyd creates it, with ``collation``."""
+    mariadb.execute("DROP VIEW IF EXISTS view_ratelimit; DROP TABLE ratelimit", db=db)
+    mariadb.execute(
+        "CREATE TABLE ratelimit ("
+        " `id` INT(11) NOT NULL AUTO_INCREMENT,"
+        f" `sender` VARCHAR(255) CHARACTER SET 'utf8' COLLATE '{collation}' NOT NULL,"
+        " `persist` TINYINT(1) NOT NULL DEFAULT '0',"
+        " `quota` INT(10) UNSIGNED NOT NULL DEFAULT '0',"
+        " `used` INT(10) UNSIGNED NOT NULL DEFAULT '0',"
+        " `updated` TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP,"
+        " `expiry` INT(10) UNSIGNED DEFAULT NULL,"
+        " PRIMARY KEY (`id`), UNIQUE INDEX `idx_sender` (`sender` ASC))"
+        " ENGINE = InnoDB DEFAULT CHARACTER SET = utf8",
+        db=db,
+    )
+
+
+def test_a_case_sensitive_perl_tables_mixed_case_row_applies_again_after_migrate_keys(
+    mariadb: MariaDB, mysql_db: str, mysql_url: str, opened: Callable[..., Storage]
+) -> None:
+    _perl_table(mariadb, mysql_db, "utf8_bin")
+    mariadb.execute(
+        "INSERT INTO ratelimit (sender, quota, used, expiry, persist)"
+        " VALUES ('Mixed@Example.com', 3, 2, %s, 1)",
+        db=mysql_db, args=(E2,),
+    )
+    daemon, admin = opened(mysql_url), opened(mysql_url)
+    # The gap: byte for byte, the daemon's lower-case key has no row, so its first count
+    # creates one with the default quota and the operator's limit of 3 is gone.
+    assert daemon.load(["mixed@example.com"]) == {}
+    assert daemon.apply([Delta("mixed@example.com", 1, E2)], 1000) == {
+        "mixed@example.com": row("mixed@example.com", 1000, 1, E2)}
+    assert [r.sender for r in admin.mixed_case_rows()] == ["Mixed@Example.com"]
+
+    ids = dict(mariadb.execute("SELECT sender, id FROM ratelimit", db=mysql_db))
+    done = admin.merge_keys("mixed@example.com", ["Mixed@Example.com"], E1, apply=True)
+    assert done is not None and done.renamed is None
+    assert daemon.load(["mixed@example.com"]) == {
+        "mixed@example.com": row("mixed@example.com", 3, 3, E2, True)}
+    assert mariadb.execute("SELECT sender, id FROM ratelimit", db=mysql_db) == (
+        [("mixed@example.com", ids["mixed@example.com"])])
+    # The daemon's later counts add to the merged row, whose persistent quota stays.
+    assert daemon.apply([Delta("mixed@example.com", 1, E2)], 1000) == {
+        "mixed@example.com": row("mixed@example.com", 3, 4, E2, True)}
+
+
+def test_on_a_case_insensitive_perl_table_migrate_keys_renames_the_row_in_place(
+    mariadb: MariaDB, mysql_db: str, mysql_url: str, opened: Callable[..., Storage]
+) -> None:
+    # Here the daemon already uses the row (see the test above); migrate-keys only makes
+    # the stored key what the daemon writes, keeping the row, its id and its counts.
+    _perl_table(mariadb, mysql_db, "utf8_general_ci")
+    mariadb.execute(
+        "INSERT INTO ratelimit (sender, quota, used, expiry, persist)"
+        " VALUES ('Alice@Example.COM', 500, 7, %s, 1)",
+        db=mysql_db, args=(E2,),
+    )
+    storage = opened(mysql_url)
+    (found,) = storage.mixed_case_rows()
+    assert found.sender == "Alice@Example.COM"
+    plan = storage.merge_keys("alice@example.com", ["Alice@Example.COM"], E1, apply=False)
+    assert plan is not None and plan.renamed == "Alice@Example.COM" and plan.merged == ()
+    before = mariadb.execute("SELECT id, sender FROM ratelimit", db=mysql_db)
+    assert before[0][1] == "Alice@Example.COM", "a dry run changes nothing"
+
+    storage.merge_keys("alice@example.com", ["Alice@Example.COM"], E1, apply=True)
+    assert mariadb.execute("SELECT id, sender, quota, used, persist FROM ratelimit",
+                           db=mysql_db) == [(before[0][0], "alice@example.com", 500, 7, 1)]
+    assert storage.mixed_case_rows() == []
+
+
 # -- locks -------------------------------------------------------------------------------
 
 
@@ -357,6 +430,28 @@ def test_url_parts_are_percent_decoded_and_the_password_argument_wins(
         assert storage.apply([Delta("a@x", 1, E1)], 3) == {"a@x": row("a@x", 3, 1, E1)}
     finally:
         mariadb.execute("DROP USER 'odd user'@'%'")
+
+
+def test_localhost_is_tcp_unless_a_unix_socket_is_given(
+    mariadb: MariaDB, mysql_db: str, opened: Callable[..., Storage]
+) -> None:
+    # The Perl daemon's DBI (libmysqlclient) took "localhost" to mean the unix socket, and
+    # its documentation grants to policyd@localhost. PyMySQL connects to localhost over
+    # TCP, which such an account does not match (the test server, like many, resolves
+    # no names): the URL must name the socket.
+    user, password = f"u_{secrets.token_hex(6)}", secrets.token_hex(12)
+    mariadb.execute(
+        f"CREATE USER '{user}'@'localhost' IDENTIFIED BY '{password}';"
+        f" GRANT SELECT, INSERT, UPDATE, DELETE ON `{mysql_db}`.* TO '{user}'@'localhost'"
+    )
+    try:
+        base = f"mysql://{user}:{password}@localhost"
+        with pytest.raises(StorageError, match="Access denied") as info:
+            opened(f"{base}:{mariadb.port}/{mysql_db}").check_schema()
+        assert info.value.transient is False
+        opened(f"{base}/{mysql_db}?unix_socket={quote(str(mariadb.socket))}").check_schema()
+    finally:
+        mariadb.execute(f"DROP USER '{user}'@'localhost'")
 
 
 def test_opening_connects_to_nothing_so_the_daemon_starts_while_the_db_is_down(

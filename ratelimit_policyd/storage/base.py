@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ratelimit_policyd.model import Delta, Row
+from ratelimit_policyd.storage.keymerge import KeyMerge
 
 
 class StorageError(Exception):
@@ -97,6 +98,25 @@ class Storage(Protocol):
 
     def delete(self, sender: str) -> bool:
         """Remove a key's row; False when it had none."""
+
+    def mixed_case_rows(self) -> list[Row]:
+        """Rows whose sender is not lower case (``sender != sender.lower()``), by sender.
+
+        The daemon lower-cases keys (``limits.lowercase_keys``): on a case-sensitive
+        table it never reads these rows (see ``migrate-keys``).
+        """
+
+    def merge_keys(self, target: str, sources: Sequence[str], now: int, *,
+                   apply: bool) -> KeyMerge | None:
+        """Merge the rows of ``sources`` into the lower-case key ``target``.
+
+        In one transaction: the rows are locked and read, ``keymerge.plan_merge`` decides,
+        then (with ``apply``) counts are added to the target as increments (``used = used
+        + n``, so that a daemon counting the same key meanwhile loses nothing), the
+        quota is set, and the sources are deleted (or, with no target row, one is renamed
+        to it). Without ``apply`` nothing is written: the plan is returned as a dry run.
+        None when none of the sources has a row (any more).
+        """
 
     def close(self) -> None:
         """Release connections."""

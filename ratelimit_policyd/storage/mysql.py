@@ -25,6 +25,7 @@ from pymysql.constants import CLIENT
 
 from ratelimit_policyd.model import Delta, Row
 from ratelimit_policyd.storage.base import StorageError, TableNames
+from ratelimit_policyd.storage.keymerge import KeyMerge, needs_lowering, plan_merge
 
 log = logging.getLogger(__name__)
 
@@ -363,6 +364,24 @@ class MySQLStorage:
         )
         self._reset = f"UPDATE {t} SET {u} = 0, {upd} = NOW() WHERE {s} = %s"
         self._delete = f"DELETE FROM {t} WHERE {s} = %s"
+        # Compared as bytes, whatever the column's collation (under utf8_general_ci a
+        # key equals its lower case). LOWER() and Python's str.lower() differ on a few
+        # non-ASCII letters: any non-ASCII key is fetched too, and Python, the daemon's
+        # own lower-casing, decides.
+        self._mixed_case = (
+            f"SELECT {self._cols} FROM {t} WHERE CAST({s} AS BINARY) <>"
+            f" CAST(LOWER({s}) AS BINARY) OR OCTET_LENGTH({s}) <> CHAR_LENGTH({s})"
+            f" ORDER BY {s}"
+        )
+        self._rename = f"UPDATE {t} SET {s} = %s, {upd} = NOW() WHERE {s} = %s"
+        # An increment, like the daemon's upsert: a count the daemon adds meanwhile is
+        # kept. The target's own count restarts when its window has ended. Expiry is
+        # assigned last: MySQL's SET sees the values assigned before it.
+        self._merge_used = (
+            f"UPDATE {t} SET {u} = IF(COALESCE({e}, 0) <= %s, %s, {u} + %s),"
+            f" {upd} = NOW(), {e} = GREATEST(COALESCE({e}, 0), %s) WHERE {s} = %s"
+        )
+        self._merge_quota = f"UPDATE {t} SET {q} = %s, {p} = 1 WHERE {s} = %s"
         fl = _q(flushlog_name(n))
         self._flushlog_upsert = (
             f"INSERT INTO {fl} (`daemon`, `seq`) VALUES (%s, %s)"
@@ -661,6 +680,54 @@ class MySQLStorage:
         return self._run(
             f"delete {sender!r}", lambda cur: cur.execute(self._delete, (sender,)) > 0, write=True
         )
+
+    def mixed_case_rows(self) -> list[Row]:
+        def select(cur: _Cursor) -> list[Row]:
+            cur.execute(self._mixed_case)
+            return [r for r in map(_row, cur.fetchall()) if needs_lowering(r.sender)]
+
+        return self._run("look for keys that are not lower case", select)
+
+    def merge_keys(self, target: str, sources: Sequence[str], now: int, *,
+                   apply: bool) -> KeyMerge | None:
+        def merge(cur: _Cursor) -> KeyMerge | None:
+            # FOR UPDATE: a daemon's flush of the target waits until the merge commits.
+            plan = self._plan_merge(cur, target, sources, now, " FOR UPDATE" if apply else "")
+            if plan is None or not apply:
+                return plan
+            if plan.renamed is not None:
+                # On a case-insensitive table the source row IS the target's row (the
+                # UNIQUE index allows no second spelling): this rename is the whole merge.
+                cur.execute(self._rename, (target, plan.renamed))
+            live = [r for r in plan.merged if plan.live(r)]
+            if live:
+                cur.execute(self._merge_used, (now, plan.added, plan.added,
+                                               max(r.expiry for r in live), target))
+            if plan.set_quota:
+                cur.execute(self._merge_quota, (plan.quota, target))
+            for r in plan.merged:
+                # Several spellings of a key exist side by side only on a case-sensitive
+                # table, where this WHERE matches exactly the one given.
+                cur.execute(self._delete, (r.sender,))
+            return plan.with_after(self._exact_rows(cur, [target], "").get(target))
+
+        return self._run(f"merge keys into {target!r}", merge, write=apply,
+                         attempts=TX_ATTEMPTS if apply else 1)
+
+    def _plan_merge(self, cur: _Cursor, target: str, sources: Sequence[str], now: int,
+                    tail: str) -> KeyMerge | None:
+        rows = self._exact_rows(cur, sorted({target, *sources}), tail)
+        present = [rows[s] for s in sorted(set(sources)) if s in rows and s != target]
+        if not present:
+            return None
+        return plan_merge(target, rows.get(target), present, now)
+
+    def _exact_rows(self, cur: _Cursor, senders: Sequence[str], tail: str) -> dict[str, Row]:
+        """Rows stored under exactly these senders (a case-insensitive collation also
+        returns other spellings, which are left out here)."""
+        found = self._select_in(cur, self._select, senders, tail)
+        wanted = set(senders)
+        return {r.sender: r for r in map(_row, found) if r.sender in wanted}
 
     def close(self) -> None:
         if self._logged_flush and not self._closed:

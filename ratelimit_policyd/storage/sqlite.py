@@ -17,6 +17,7 @@ from typing import Final
 
 from ratelimit_policyd.model import Delta, Row
 from ratelimit_policyd.storage.base import StorageError, TableNames
+from ratelimit_policyd.storage.keymerge import KeyMerge, needs_lowering, plan_merge
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,20 @@ class SQLiteStorage:
         self._insert_quota = f"INSERT INTO {t} ({s}, {q}, {u}, {e}, {p}) VALUES (?, ?, 0, ?, ?)"
         self._reset = f"UPDATE {t} SET {u} = 0, {upd} = CURRENT_TIMESTAMP WHERE {s} = ?"
         self._delete = f"DELETE FROM {t} WHERE {s} = ?"
+        # lower() of SQLite folds ASCII only: any non-ASCII key (more bytes than
+        # characters) is fetched too, and Python's str.lower(), the daemon's own, decides.
+        self._mixed_case = (
+            f"SELECT {self._cols} FROM {t} WHERE {s} <> lower({s})"
+            f" OR length(CAST({s} AS BLOB)) <> length({s}) ORDER BY {s}"
+        )
+        self._rename = f"UPDATE {t} SET {s} = ?, {upd} = CURRENT_TIMESTAMP WHERE {s} = ?"
+        # An increment, like the daemon's upsert: a count the daemon adds meanwhile is
+        # kept. The target's own count restarts when its window has ended.
+        self._merge_used = (
+            f"UPDATE {t} SET {u} = CASE WHEN COALESCE({e}, 0) <= ? THEN ? ELSE {u} + ? END,"
+            f" {e} = MAX(COALESCE({e}, 0), ?), {upd} = CURRENT_TIMESTAMP WHERE {s} = ?"
+        )
+        self._merge_quota = f"UPDATE {t} SET {q} = ?, {p} = 1 WHERE {s} = ?"
 
     # -- schema ---------------------------------------------------------------------
 
@@ -251,6 +266,47 @@ class SQLiteStorage:
     def delete(self, sender: str) -> bool:
         with self._transaction(f"delete {sender!r}") as con:
             return con.execute(self._delete, (sender,)).rowcount > 0
+
+    def mixed_case_rows(self) -> list[Row]:
+        with self._locked("look for keys that are not lower case") as con:
+            found = [_row(r) for r in con.execute(self._mixed_case)]
+        return [r for r in found if needs_lowering(r.sender)]
+
+    def merge_keys(self, target: str, sources: Sequence[str], now: int, *,
+                   apply: bool) -> KeyMerge | None:
+        action = f"merge keys into {target!r}"
+        if not apply:
+            with self._locked(action, read=True) as con:
+                return self._plan_merge(con, target, sources, now)
+        # BEGIN IMMEDIATE holds the write lock from the first read: the daemon's flush
+        # waits (its busy timeout) until the merge has committed.
+        with self._transaction(action) as con:
+            plan = self._plan_merge(con, target, sources, now)
+            if plan is None:
+                return None
+            if plan.renamed is not None:
+                con.execute(self._rename, (target, plan.renamed))
+            live = [r for r in plan.merged if plan.live(r)]
+            if live:
+                con.execute(self._merge_used, (now, plan.added, plan.added,
+                                               max(r.expiry for r in live), target))
+            if plan.set_quota:
+                con.execute(self._merge_quota, (plan.quota, target))
+            for r in plan.merged:
+                con.execute(self._delete, (r.sender,))
+            return plan.with_after(self._select_rows(con, [target]).get(target))
+
+    def _plan_merge(self, con: sqlite3.Connection, target: str, sources: Sequence[str],
+                    now: int) -> KeyMerge | None:
+        wanted = sorted({target, *sources})
+        found = self._select_rows(con, wanted)
+        # Exact matches only: under a NOCASE collation the lookup of one spelling may
+        # also return another's row.
+        rows = {k: r for k, r in found.items() if r.sender == k}
+        present = [rows[s] for s in sorted(set(sources)) if s in rows and s != target]
+        if not present:
+            return None
+        return plan_merge(target, rows.get(target), present, now)
 
     def close(self) -> None:
         with self._lock, self._read_lock:
