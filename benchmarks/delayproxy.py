@@ -89,45 +89,64 @@ class Downstream(asyncio.Protocol):
 
     def __init__(self, upstream: tuple[str, int], knob: Knob) -> None:
         self.upstream_addr, self.knob = upstream, knob
+        # What the client sends before the upstream connection is made. Reading is not
+        # paused meanwhile: pause_reading() in connection_made() is not honoured by
+        # Python 3.11.0-3.11.3 (CPython gh-103607), whose transports start reading
+        # after connection_made() anyway, so those bytes would arrive here and be lost.
         self.pending: list[bytes] = []
         self.up: Upstream | None = None
+        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         loop = asyncio.get_running_loop()
         self.delayed = Delayed(loop, transport, self.knob)
-        transport.pause_reading()
         self.connecting = loop.create_task(self._connect(loop))
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            _, up = await loop.create_connection(lambda: Upstream(self), *self.upstream_addr)
+            up_transport, up = await loop.create_connection(
+                lambda: Upstream(self), *self.upstream_addr)
         except OSError:
             self.transport.close()
             return
+        if self.closed:  # the client left while we connected
+            up_transport.close()
+            return
+        # Everything runs on the loop's one thread: the pending bytes go out before
+        # any that data_received() passes on from now, so the order is kept.
+        if self.pending:
+            up_transport.write(b"".join(self.pending))
+            self.pending.clear()
         self.up = up
-        self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.up is not None and self.up.transport is not None:
             self.up.transport.write(data)
+        else:
+            self.pending.append(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pending.clear()
         if self.up is not None and self.up.transport is not None:
             self.up.transport.close()
 
 
 async def serve(port: int, upstream: tuple[str, int], knob: Knob) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: Downstream(upstream, knob), "127.0.0.1", port, backlog=256
-    )
+    # The handlers come before the port listens: whoever starts the proxy takes an
+    # accepted connection as "ready" and may signal at once; before the handlers a
+    # SIGUSR1 or SIGTERM would kill the process with the default action.
     stopped = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopped.set)
     loop.add_signal_handler(signal.SIGUSR1, lambda: setattr(knob, "delay", knob.configured))
     loop.add_signal_handler(signal.SIGUSR2, lambda: setattr(knob, "delay", 0.0))
+    server = await loop.create_server(
+        lambda: Downstream(upstream, knob), "127.0.0.1", port, backlog=256
+    )
     async with server:
         await stopped.wait()
 

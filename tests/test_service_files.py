@@ -1,6 +1,7 @@
 """The shipped service files: the systemd unit (checked by systemd-analyze, and its
-readiness protocol against a real daemon), the SysV script's shell and LSB header,
-and the logrotate file as logrotate reads it."""
+readiness protocol against a real daemon), the SysV script's shell and LSB header, its
+messages and LSB exit codes against a real daemon (its full start/reload/restart/stop
+cycle is in test_daemonize.py), and the logrotate file as logrotate reads it."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import pytest
 from ratelimit_policyd.cli import build_parser
 from ratelimit_policyd.config import Settings, load
 from tests.policyclient import PolicyClient, free_port, request_bytes
+from tests.test_daemonize import InitScript, Setup, pid_gone
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -188,6 +190,108 @@ def test_sysv_script_usage_and_not_installed() -> None:
     missing = subprocess.run(["sh", str(SYSV), "start"], env=env, capture_output=True,
                              text=True, timeout=30)
     assert missing.returncode == 5 and "not installed" in missing.stderr  # LSB
+
+
+STARTING = "Starting sender rate-limit policy daemon: ratelimit-policyd"
+
+
+def sysv(init: InitScript, action: str) -> subprocess.CompletedProcess[str]:
+    """Run the script with stdout and stderr in one stream, as a terminal shows them."""
+    return subprocess.run(["sh", str(SYSV), action], env=init.env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=90)
+
+
+def test_sysv_second_start_says_it_is_already_running(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    init = InitScript(s, "")
+    try:
+        first = sysv(init, "start")
+        assert first.returncode == 0, first.stdout
+        assert first.stdout.startswith(STARTING)
+        pid = s.pid()
+        again = sysv(init, "start")
+        # LSB: start on a running service succeeds; the message must not pretend to start.
+        assert again.returncode == 0, again.stdout
+        assert f"ratelimit-policyd is already running (pid {pid})" in again.stdout
+        assert "Starting" not in again.stdout
+        assert s.pid() == pid
+        with PolicyClient(s.port) as c:
+            assert c.ask(request_bytes()) == "DUNNO"
+    finally:
+        s.stop()
+
+
+def test_sysv_failed_start_shows_its_reason_on_a_line_of_its_own(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    init = InitScript(s, "")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", s.port))
+        busy.listen()
+        result = sysv(init, "start")
+    assert result.returncode == 1, result.stdout
+    lines = result.stdout.splitlines()
+    # The status line is complete, then the daemon's reason (once glued to its end:
+    # "...: ratelimit-policydratelimit-policyd: cannot listen ...").
+    assert lines[0].startswith(STARTING) and lines[0].endswith("failed!"), lines
+    assert any(line.startswith(f"ratelimit-policyd: cannot listen on 127.0.0.1 port {s.port}")
+               for line in lines[1:]), lines
+    assert not s.pidfile.exists()
+
+
+def test_sysv_lsb_actions_and_exit_codes(tmp_path: Path) -> None:
+    """Exit codes as LSB defines them: 0 success, 1 failure or (status) dead with a
+    pidfile, 3 (status) not running, 7 (reload) not running."""
+    s = Setup(tmp_path)
+    init = InitScript(s, "")
+    try:
+        # (Debian's /lib/lsb/init-functions end a message with "." or "... failed!".)
+        status = sysv(init, "status")
+        assert status.returncode == 3, status.stdout
+        assert status.stdout.startswith("ratelimit-policyd is not running")
+        stop = sysv(init, "stop")  # stopping a stopped service is a success
+        assert stop.returncode == 0, stop.stdout
+        assert stop.stdout.startswith("ratelimit-policyd is not running")
+        for action in ("reload", "force-reload"):
+            result = sysv(init, action)
+            assert result.returncode == 7, (action, result.stdout)
+            assert "ratelimit-policyd is not running" in result.stdout
+        try_restart = sysv(init, "try-restart")  # nothing to restart: a success
+        assert try_restart.returncode == 0, try_restart.stdout
+        assert sysv(init, "status").returncode == 3
+
+        restart = sysv(init, "restart")  # restart starts a stopped service
+        assert restart.returncode == 0, restart.stdout
+        pid = s.pid()
+        status = sysv(init, "status")
+        assert status.returncode == 0 and f"running (pid {pid})" in status.stdout
+
+        s.config.write_text(s.config.read_text().replace(
+            "[limits]\n", "[limits]\nperiod = 'fortnightly'\n"))
+        refused = sysv(init, "reload")
+        assert refused.returncode == 1, refused.stdout
+        lines = refused.stdout.splitlines()
+        assert lines[0].endswith("failed!"), lines
+        assert "ratelimit-policyd: invalid configuration:" in lines[1:], lines
+        assert any("limits.period" in line for line in lines), lines
+        s.write_config(quota=3)
+        assert sysv(init, "reload").returncode == 0
+
+        stopped = sysv(init, "stop")
+        assert stopped.returncode == 0, stopped.stdout
+        assert pid_gone(pid) and not s.pidfile.exists()
+
+        # A pidfile left by a daemon that died: status 1; start replaces it.
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        s.pidfile.write_text(f"{gone.pid}\n")
+        dead = sysv(init, "status")
+        assert dead.returncode == 1, dead.stdout
+        assert "not running, but its pidfile" in dead.stdout
+        started = sysv(init, "start")
+        assert started.returncode == 0, started.stdout
+        assert s.pid() != gone.pid
+    finally:
+        s.stop()
 
 
 # -- logrotate ---------------------------------------------------------------------------
