@@ -233,7 +233,7 @@ class Daemon:
         self.cache.max_entries = new.cache.max_entries
         self.cache.idle_ttl = new.cache.idle_ttl
         assert self.flusher is not None and self.server is not None
-        self.flusher.interval = new.cache.flush_interval
+        self.flusher.set_interval(new.cache.flush_interval)
         self.server.allowed = AccessList(parse_networks(new.server.allowed_hosts))
         self.server.max_connections = new.server.max_connections
         self.server.idle_timeout = new.server.idle_timeout
