@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -206,3 +207,17 @@ def test_a_failing_main_loop_still_writes_every_count(tmp_path: Path) -> None:
         assert daemon.run() == os.EX_SOFTWARE
         assert "main loop failed; stopping with a final flush" in logfile.read_text()
         assert sqlite_used(db, "a@x") == 4
+
+
+def test_a_reloaded_flush_interval_applies_at_once(daemon: ConfiguredDaemon) -> None:
+    # 600 s -> 0.2 s: the counts must reach the database long before the old interval
+    # could have run out (it took the whole old interval).
+    assert send(daemon.port, 5) == ["DUNNO"] * 5
+    daemon.write_config(cache="flush_interval = 0.2")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for_text(daemon.log, "configuration reloaded")
+    deadline = time.monotonic() + 30
+    while sqlite_used(daemon.db, "a@x") != 5:
+        assert time.monotonic() < deadline, "the new flush interval did not apply"
+        time.sleep(0.05)
+    assert daemon.proc.poll() is None  # written by the running daemon, not at a stop
