@@ -90,7 +90,9 @@ class LimitsSettings:
 @dataclass(frozen=True, slots=True)
 class DatabaseSettings:
     url: str = ""  # empty: SQLite in the state directory
-    password: str = ""
+    # Not in repr(): a settings object in a log line or a traceback must not show it
+    # (the URL is redacted by __repr__ below).
+    password: str = field(default="", repr=False)
     password_file: str = ""
     pool_size: int = 8
     connect_timeout: float = 3.0
@@ -102,6 +104,11 @@ class DatabaseSettings:
     expiry_column: str = "expiry"
     persist_column: str = "persist"
     updated_column: str = "updated"
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                          if f.repr and f.name != "url")
+        return f"DatabaseSettings(url={redact_url(self.url)!r}, {shown})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -130,3 +130,11 @@ def test_open_storage_refuses_what_the_config_check_refuses(tmp_path: Path) -> N
         open_storage("mysql://u:Pa55w0rd@h/db?ssl=1")
     with pytest.raises(ConfigError, match="unknown parameter"):
         load(None, {"database": {"url": "mysql://u:Pa55w0rd@h/db?ssl=1"}})
+
+
+@pytest.mark.parametrize("char", USABLE)
+def test_reprs_hide_the_password(char: str) -> None:
+    # A settings object or a parsed URL in a log line or a traceback.
+    settings = load(None, {"database": {"url": url_with(char), "password": "Pa55-w0rd"}})
+    assert_no_password(repr(settings))
+    assert_no_password(repr(parse_url(url_with(char))))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -50,7 +50,7 @@ class DatabaseURL:
     scheme: str  # "sqlite" or "mysql" (mariadb:// is read as mysql)
     path: str = ""  # SQLite: the absolute file path
     user: str = ""
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log or traceback
     host: str = ""
     port: int | None = None
     database: str = ""
