@@ -203,13 +203,14 @@ def _dispatch(ns: argparse.Namespace, settings: Settings) -> int:
     if cmd == "status":
         return _cmd_status(ns, settings)
     if cmd == "check-config":
-        from ratelimit_policyd.logs import log_file_problem
+        from ratelimit_policyd.logs import log_problems
 
         # Not in load(): admin commands, run by other users, need not write the log.
-        problem = log_file_problem(settings.log)
-        if problem:
+        problems = log_problems(settings.log)
+        if problems:
             print("ratelimit-policyd: invalid configuration:", file=sys.stderr)
-            print(f"  log.file: cannot open for appending: {problem}", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
             return os.EX_CONFIG
         print(f"configuration OK ({settings.source or 'built-in defaults'})")
         return os.EX_OK

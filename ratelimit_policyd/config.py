@@ -298,12 +298,13 @@ def _check(s: Settings, errors: list[str]) -> None:
         bad("limits.max_key_length", "must be between 1 and 4096")
 
     db = s.database
-    try:
-        # The parser open_storage uses: what passes here opens (short of the database
-        # itself being reachable), and errors never quote the password.
-        parse_url(s.db_url())
-    except URLError as exc:
-        bad("database.url" if db.url else "daemon.state_dir", str(exc))
+    if db.url:
+        try:
+            # The parser open_storage uses: what passes here opens (short of the
+            # database being reachable), and errors never quote the password.
+            parse_url(db.url)
+        except URLError as exc:
+            bad("database.url", str(exc))
     if db.password_file and not Path(db.password_file).is_file():
         bad("database.password_file", f"no such file: {db.password_file}")
     positive("database.pool_size", db.pool_size)

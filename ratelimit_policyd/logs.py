@@ -64,6 +64,16 @@ class _Syslog(logging.handlers.SysLogHandler):
         self.ident = f"{ident}[{os.getpid()}]: "
 
 
+def probe_syslog(address: str) -> None:
+    """OSError when nothing listens on the syslog socket ``address``.
+
+    SysLogHandler ignores a failed connect (Python 3.11+) and then fails at every line,
+    so the socket is asked first.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        probe.connect(address)
+
+
 def build_handlers(settings: LogSettings) -> tuple[list[logging.Handler], list[str]]:
     """The handlers ``settings`` asks for, opened but not installed, and warnings to log
     once they are; OSError when the log file cannot be opened, or when syslog cannot
@@ -82,10 +92,7 @@ def build_handlers(settings: LogSettings) -> tuple[list[logging.Handler], list[s
         h.setFormatter(LineFormatter())
     if settings.syslog:
         try:
-            # SysLogHandler ignores a failed connect (Python 3.11+) and then fails at
-            # every line: ask the socket first.
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
-                probe.connect(settings.syslog_address)
+            probe_syslog(settings.syslog_address)
             sh = _Syslog(settings.syslog_address, _FACILITIES[settings.syslog_facility],
                          settings.syslog_ident)
         except OSError as exc:
@@ -101,13 +108,28 @@ def build_handlers(settings: LogSettings) -> tuple[list[logging.Handler], list[s
     return handlers, warnings
 
 
-def log_file_problem(settings: LogSettings) -> str | None:
-    """Why ``log.file`` could not be opened for appending, None if it can; for
-    ``check-config``, so it creates nothing. A missing directory counts: ``run`` makes
-    it at a start, but a reload (which check-config also vets) does not."""
-    if settings.file in ("-", ""):
+def log_problems(settings: LogSettings) -> list[str]:
+    """Why the daemon could not log as ``settings`` say (``key: problem`` lines), for
+    ``check-config``, so nothing is created. A missing log directory counts: ``run``
+    makes it at a start, but a reload (which check-config also vets) does not."""
+    problems: list[str] = []
+    problem = _log_file_problem(settings.file)
+    if problem:
+        problems.append(f"log.file: cannot open for appending: {problem}")
+    if settings.syslog and settings.file == "":
+        try:
+            probe_syslog(settings.syslog_address)
+        except OSError as exc:
+            problems.append(f"log.syslog_address: {settings.syslog_address} unavailable "
+                            f"({exc.strerror or exc}) and log.file is '': nothing could "
+                            "be logged")
+    return problems
+
+
+def _log_file_problem(file: str) -> str | None:
+    if file in ("-", ""):
         return None
-    path = Path(settings.file)
+    path = Path(file)
     if path.is_dir():
         return f"{path} is a directory"
     if path.exists():

@@ -140,6 +140,11 @@ def test_check_config_refuses_a_log_file_that_cannot_be_opened(tmp_path: Path) -
         assert result.returncode == os.EX_CONFIG, result.stdout
         assert "log.file: cannot open for appending" in result.stderr
         assert problem in result.stderr
+    conf.write_text(f'[log]\nfile = ""\nsyslog = true\nsyslog_address = "{tmp_path / "x"}"\n')
+    result = subprocess.run([*CLI, "check-config", "--config", str(conf)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == os.EX_CONFIG, result.stdout
+    assert "nothing could be logged" in result.stderr
     conf.write_text(f'[log]\nfile = "{tmp_path / "ok.log"}"\n')
     result = subprocess.run([*CLI, "check-config", "--config", str(conf)],
                             capture_output=True, text=True, timeout=30)
