@@ -104,10 +104,6 @@ class Flusher(threading.Thread):
     def interval(self) -> float:
         return self._interval
 
-    @interval.setter
-    def interval(self, seconds: float) -> None:
-        self.set_interval(seconds)
-
     def set_interval(self, seconds: float) -> None:
         """A new flush interval, effective for the current sleep already."""
         # Assigned before the ring: a sleeper that missed the ring reads the new value.
