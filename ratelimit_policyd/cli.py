@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from ratelimit_policyd import __version__
 from ratelimit_policyd.config import (
@@ -213,6 +212,15 @@ def _dispatch(ns: argparse.Namespace, settings: Settings) -> int:
     if cmd == "status":
         return _cmd_status(ns, settings)
     if cmd == "check-config":
+        from ratelimit_policyd.logs import log_problems
+
+        # Not in load(): admin commands, run by other users, need not write the log.
+        problems = log_problems(settings.log)
+        if problems:
+            print("ratelimit-policyd: invalid configuration:", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
+            return os.EX_CONFIG
         print(f"configuration OK ({settings.source or 'built-in defaults'})")
         return os.EX_OK
     if cmd == "print-config":
@@ -351,14 +359,14 @@ def _cmd_status(ns: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_admin(ns: argparse.Namespace, settings: Settings) -> int:
-    from ratelimit_policyd.storage import open_storage
+    from ratelimit_policyd.storage import open_storage, parse_url
     from ratelimit_policyd.storage.base import StorageError
 
     url = settings.db_url()
     if ns.command != "init-db" and url.startswith("sqlite:"):
         # Opening an SQLite file creates it: a wrong --db/--state-dir would otherwise
         # show an empty table instead of an error (and leave a stray database behind).
-        path = "/" + unquote(urlsplit(url).path).lstrip("/")
+        path = parse_url(url).path  # checked by load(): a valid URL
         if not os.path.exists(path):
             print(f"ratelimit-policyd: no database at {path} (start the daemon once or run "
                   "init-db; check --config, --db and --state-dir)", file=sys.stderr)

@@ -24,6 +24,8 @@ from ratelimit_policyd.policy import (
     Limits,
 )
 from ratelimit_policyd.server import parse_listen, parse_networks
+from ratelimit_policyd.storage import URLError, parse_url
+from ratelimit_policyd.storage import redact_url as redact_url  # for cli and lifecycle
 from ratelimit_policyd.storage.base import TableNames
 from ratelimit_policyd.window import Calendar, parse_week_start
 
@@ -88,7 +90,9 @@ class LimitsSettings:
 @dataclass(frozen=True, slots=True)
 class DatabaseSettings:
     url: str = ""  # empty: SQLite in the state directory
-    password: str = ""
+    # Not in repr(): a settings object in a log line or a traceback must not show it
+    # (the URL is redacted by __repr__ below).
+    password: str = field(default="", repr=False)
     password_file: str = ""
     pool_size: int = 8
     connect_timeout: float = 3.0
@@ -100,6 +104,11 @@ class DatabaseSettings:
     expiry_column: str = "expiry"
     persist_column: str = "persist"
     updated_column: str = "updated"
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                          if f.repr and f.name != "url")
+        return f"DatabaseSettings(url={redact_url(self.url)!r}, {shown})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,9 +298,13 @@ def _check(s: Settings, errors: list[str]) -> None:
         bad("limits.max_key_length", "must be between 1 and 4096")
 
     db = s.database
-    if db.url and not db.url.startswith(("sqlite:///", "mysql://")):
-        bad("database.url", "expected sqlite:///ABSOLUTE/PATH or "
-            f"mysql://USER:PASSWORD@HOST:PORT/DBNAME, got {redact_url(db.url)!r}")
+    if db.url:
+        try:
+            # The parser open_storage uses: what passes here opens (short of the
+            # database being reachable), and errors never quote the password.
+            parse_url(db.url)
+        except URLError as exc:
+            bad("database.url", str(exc))
     if db.password_file and not Path(db.password_file).is_file():
         bad("database.password_file", f"no such file: {db.password_file}")
     positive("database.pool_size", db.pool_size)
@@ -320,10 +333,6 @@ def _check(s: Settings, errors: list[str]) -> None:
         bad("log.file", f"must be an absolute path, '-' (stderr) or '' (none), got {lg.file!r}")
     if lg.file == "" and not lg.syslog:
         bad("log.file", "'' (no log file) needs log.syslog = true, or nothing is logged")
-
-
-def redact_url(url: str) -> str:
-    return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def load(path: str | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None,

@@ -36,8 +36,51 @@ class FlushStats:
     failures: int = 0
 
 
+class _Alarm:
+    """The flusher's stop flag and sleep, as ``threading.Event`` (``set``, ``is_set``,
+    ``wait``) plus ``ring()``, which cuts a sleep short without stopping: an Event's
+    wait cannot be woken without setting it, and a reloaded interval must apply at once."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._set = False
+
+    def set(self) -> None:
+        with self._cond:
+            self._set = True
+            self._cond.notify_all()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            if not self._set:
+                self._cond.wait(timeout)
+            return self._set
+
+    def ring(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def sleep_until(self, due: Callable[[], float]) -> bool:
+        """Sleep until the monotonic time ``due()`` (re-read after each ring); True when
+        stopped instead."""
+        with self._cond:
+            while not self._set:
+                remaining = due() - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+
 class Flusher(threading.Thread):
-    """``while not stop.wait(interval): flush_once()``; ``close()`` does the final flush."""
+    """``flush_once()`` every ``interval`` seconds; ``close()`` does the final flush.
+
+    ``set_interval()`` (a reload) applies at once: the next round is due one new interval
+    after the end of the last one, immediately if that is already past.
+    """
 
     def __init__(self, cache: QuotaCache, storage: Storage, interval: float,
                  default_quota: Callable[[], int], on_db_ok: Callable[[], None] | None = None,
@@ -45,23 +88,39 @@ class Flusher(threading.Thread):
         super().__init__(name="flusher", daemon=True)
         self.cache = cache
         self.storage = storage
-        self.interval = interval
+        self._interval = interval
+        self._last_end = time.monotonic()  # when the last round of run() ended
         self._default_quota = default_quota
         self._on_db_ok = on_db_ok or (lambda: None)
         self._clock = clock
-        self._stop_event = threading.Event()
+        self._stop_event = _Alarm()
         # flush_once runs in this thread and, for the final flush, in the stopping one.
         self._flush_lock = threading.Lock()
         self.stats = FlushStats()
         # A batch whose COMMIT was not answered, and how to learn whether it committed.
         self._in_doubt: tuple[Batch, Callable[[], dict[str, Row] | None]] | None = None
 
+    @property
+    def interval(self) -> float:
+        return self._interval
+
+    def set_interval(self, seconds: float) -> None:
+        """A new flush interval, effective for the current sleep already."""
+        # Assigned before the ring: a sleeper that missed the ring reads the new value.
+        self._interval = seconds
+        self._stop_event.ring()
+
+    def _next_round(self) -> float:
+        return self._last_end + self._interval
+
     def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
+        self._last_end = time.monotonic()
+        while not self._stop_event.sleep_until(self._next_round):
             try:
                 self.flush_once()
             except Exception:
                 log.exception("flusher round failed; counts stay pending")
+            self._last_end = time.monotonic()
 
     def flush_once(self) -> bool:
         """One round; True when every pending count was written."""

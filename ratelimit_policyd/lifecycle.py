@@ -31,7 +31,7 @@ from ratelimit_policyd.control import ControlError, ControlServer, control_path
 from ratelimit_policyd.engine import DUNNO, Engine
 from ratelimit_policyd.flusher import Flusher
 from ratelimit_policyd.loader import MissLoader
-from ratelimit_policyd.logs import DecisionLog, setup_logging
+from ratelimit_policyd.logs import DecisionLog, build_handlers, install_handlers, setup_logging
 from ratelimit_policyd.model import Delta
 from ratelimit_policyd.server import AccessList, PolicyServer, parse_networks
 from ratelimit_policyd.storage import open_storage
@@ -215,7 +215,24 @@ class Daemon:
     # -- main loop ------------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until a stop signal; returns the exit code."""
+        """Serve until a stop signal; returns the exit code.
+
+        Never raises: whatever fails once the daemon serves, the counts in memory are
+        still written by ``stop()`` (a failure here is not a failure to start).
+        """
+        code = os.EX_OK
+        try:
+            self._wait_for_stop()
+        except Exception:
+            log.critical("main loop failed; stopping with a final flush", exc_info=True)
+            code = os.EX_SOFTWARE
+        try:
+            return self.stop() or code
+        except Exception:
+            log.critical("stop failed", exc_info=True)
+            return os.EX_SOFTWARE
+
+    def _wait_for_stop(self) -> None:
         while True:
             select.select([self._wake_r], [], [], 1.0)
             with contextlib.suppress(BlockingIOError):
@@ -224,42 +241,78 @@ class Daemon:
                 signum = self._signals.popleft()
                 name = signal.Signals(signum).name[3:].lower()
                 if name in ("term", "int"):
-                    return self.stop()
-                getattr(self, f"handle_{name}")()
+                    return
+                try:
+                    getattr(self, f"handle_{name}")()
+                except Exception:
+                    # A failed reload or status dump must not take the daemon down:
+                    # keep serving with what runs.
+                    log.error("SIG%s failed; still serving", name.upper(), exc_info=True)
 
     def request_stop(self) -> None:
         """Ask the main loop to stop, as SIGTERM would (for tests and embedding)."""
         self._on_signal(signal.SIGTERM, None)
 
     def handle_hup(self) -> None:
-        """Reload: re-read the config, apply what can change at run time, reopen logs."""
+        """Reload: re-read the config, apply what can change at run time, reopen logs.
+
+        Everything that can fail is prepared first (the new log handlers opened, limits,
+        calendar, access list built) while the running configuration is untouched; only
+        then is it swapped in. A config that fails either way is rejected as a whole,
+        logged on the handlers still open.
+        """
         try:
             new = reload(self.settings, self._overrides)
         except ConfigError as exc:
-            for err in exc.errors:
-                log.error("reload rejected: %s", err)
-            log.error("reload rejected; keeping the running configuration")
+            self._reject_reload(exc.errors)
             return
+        try:
+            handlers, log_warnings = build_handlers(new.log)
+        except OSError as exc:
+            where = f"log.file: cannot open {exc.filename}: " if exc.filename else "log: "
+            self._reject_reload([f"{where}{exc.strerror or exc}"])
+            return
+        try:
+            limits = new.policy_limits()
+            calendar = new.calendar()
+            allowed = AccessList(parse_networks(new.server.allowed_hosts))
+        except ValueError as exc:
+            self._reject_reload([str(exc)])
+            for h in handlers:
+                h.close()
+            return
+        except BaseException:
+            for h in handlers:
+                h.close()
+            raise
+        # Commit: nothing below can fail.
         old = self.settings
-        if new.server.listen != old.server.listen or new.db_url() != old.db_url():
-            log.warning("listen address and database changes need a restart; kept the "
-                        "running ones")
-        setup_logging(new.log)
-        limits = new.policy_limits()
+        install_handlers(handlers, new.log)
+        for text in log_warnings:
+            log.warning("%s", text)
         self.engine.set_limits(limits)
         self.engine.log_decisions = new.log.decisions
-        self.cache.reconfigure(new.calendar(), limits.default_quota)
+        self.cache.reconfigure(calendar, limits.default_quota)
         self.cache.max_entries = new.cache.max_entries
         self.cache.idle_ttl = new.cache.idle_ttl
         assert self.flusher is not None and self.server is not None
-        self.flusher.interval = new.cache.flush_interval
-        self.server.allowed = AccessList(parse_networks(new.server.allowed_hosts))
+        self.flusher.set_interval(new.cache.flush_interval)
+        self.server.allowed = allowed
         self.server.max_connections = new.server.max_connections
         self.server.idle_timeout = new.server.idle_timeout
         self.server.request_timeout = new.server.request_timeout
         self.settings = new
+        if new.server.listen != old.server.listen or new.db_url() != old.db_url():
+            log.warning("listen address and database changes need a restart; kept the "
+                        "running ones")
         log.info("configuration reloaded: period %s, default quota %d, key %s",
                  limits.period.value, limits.default_quota, limits.key_type)
+
+    @staticmethod
+    def _reject_reload(errors: list[str]) -> None:
+        for err in errors:
+            log.error("reload rejected: %s", err)
+        log.error("reload rejected; keeping the running configuration")
 
     def handle_usr1(self) -> None:
         """Dump the cache and statistics to the log."""

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Final
 
 from ratelimit_policyd.config import LogSettings
@@ -63,16 +64,26 @@ class _Syslog(logging.handlers.SysLogHandler):
         self.ident = f"{ident}[{os.getpid()}]: "
 
 
-def setup_logging(settings: LogSettings) -> list[logging.Handler]:
-    """(Re)configure the root logger from ``settings``; returns the handlers installed.
+def probe_syslog(address: str) -> None:
+    """OSError when nothing listens on the syslog socket ``address``.
 
-    Called again on reload: the old handlers are closed and replaced.
+    SysLogHandler ignores a failed connect (Python 3.11+) and then fails at every line,
+    so the socket is asked first.
     """
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-        h.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        probe.connect(address)
+
+
+def build_handlers(settings: LogSettings) -> tuple[list[logging.Handler], list[str]]:
+    """The handlers ``settings`` asks for, opened but not installed, and warnings to log
+    once they are; OSError when the log file cannot be opened, or when syslog cannot
+    and it would be the only destination.
+
+    Separate from installing them so that a reload opens the new log before closing the
+    old one: a new log file that cannot be opened leaves the running logging alone.
+    """
     handlers: list[logging.Handler] = []
+    warnings: list[str] = []
     if settings.file == "-":
         handlers.append(logging.StreamHandler(sys.stderr))
     elif settings.file:
@@ -81,18 +92,77 @@ def setup_logging(settings: LogSettings) -> list[logging.Handler]:
         h.setFormatter(LineFormatter())
     if settings.syslog:
         try:
+            probe_syslog(settings.syslog_address)
             sh = _Syslog(settings.syslog_address, _FACILITIES[settings.syslog_facility],
                          settings.syslog_ident)
         except OSError as exc:
-            logging.getLogger(__name__).warning("syslog at %s unavailable: %s",
-                                                settings.syslog_address, exc)
+            if not handlers:
+                # log.file = '': nothing at all would be logged.
+                raise OSError(exc.errno, f"syslog at {settings.syslog_address} unavailable "
+                              f"({exc.strerror or exc}) and log.file is '': nothing could "
+                              "be logged") from exc
+            warnings.append(f"syslog at {settings.syslog_address} unavailable: {exc}")
         else:
             sh.setFormatter(LineFormatter(with_time=False))
             handlers.append(sh)
+    return handlers, warnings
+
+
+def log_problems(settings: LogSettings) -> list[str]:
+    """Why the daemon could not log as ``settings`` say (``key: problem`` lines), for
+    ``check-config``, so nothing is created. A missing log directory counts: ``run``
+    makes it at a start, but a reload (which check-config also vets) does not."""
+    problems: list[str] = []
+    problem = _log_file_problem(settings.file)
+    if problem:
+        problems.append(f"log.file: cannot open for appending: {problem}")
+    if settings.syslog and settings.file == "":
+        try:
+            probe_syslog(settings.syslog_address)
+        except OSError as exc:
+            problems.append(f"log.syslog_address: {settings.syslog_address} unavailable "
+                            f"({exc.strerror or exc}) and log.file is '': nothing could "
+                            "be logged")
+    return problems
+
+
+def _log_file_problem(file: str) -> str | None:
+    if file in ("-", ""):
+        return None
+    path = Path(file)
+    if path.is_dir():
+        return f"{path} is a directory"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else f"{path} is not writable"
+    if not path.parent.is_dir():
+        return f"directory {path.parent} does not exist (run creates it at a start, " \
+               "a reload does not)"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"cannot create a file in {path.parent}"
+    return None
+
+
+def install_handlers(handlers: list[logging.Handler], settings: LogSettings) -> None:
+    """Make ``handlers`` the root logger's, closing the ones they replace (cannot fail)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
     for h in handlers:
         root.addHandler(h)
     root.setLevel(settings.level.upper())
     logging.getLogger(DECISIONS).setLevel(logging.INFO if settings.decisions else logging.WARNING)
+
+
+def setup_logging(settings: LogSettings) -> list[logging.Handler]:
+    """(Re)configure the root logger from ``settings``; returns the handlers installed.
+
+    The old handlers are closed only once the new ones are open (OSError otherwise).
+    """
+    handlers, warnings = build_handlers(settings)
+    install_handlers(handlers, settings)
+    for text in warnings:
+        logging.getLogger(__name__).warning("%s", text)
     return handlers
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,32 @@ def test_failed_flush_keeps_counts_and_writes_them_later(tmp_path: Path) -> None
     assert flusher.flush_once()
     storage.close()
     assert db_used(path) == {"a@x": 7}
+
+
+def test_a_new_interval_applies_to_the_current_wait(tmp_path: Path) -> None:
+    # A reload from a long flush interval to a short one must not wait for the long one
+    # to run out (the crash bound is F). With F = 600 s, the counts written within 30 s
+    # can only come from the new interval.
+    path = tmp_path / "db.sqlite3"
+    storage = open_storage(f"sqlite:///{path}", create_schema=True)
+    cache = QuotaCache(Calendar(Period.DAILY, "UTC"), 100)
+    flusher = Flusher(cache, storage, 600.0, default_quota=lambda: 100)
+    flusher.start()
+    try:
+        # The real clock: the flusher evicts by it, and must keep this key cached.
+        cache.install("a@x", None, time.time())
+        assert cache.charge("a@x", 3, time.time()) is not None
+        flusher.set_interval(0.2)
+        deadline = time.monotonic() + 30
+        while db_used(path) != {"a@x": 3}:
+            assert time.monotonic() < deadline, "the new interval did not apply"
+            time.sleep(0.05)
+        assert flusher.interval == 0.2
+        # And it keeps flushing at the new interval, not just once.
+        assert cache.charge("a@x", 2, time.time()) is not None
+        while db_used(path) != {"a@x": 5}:
+            assert time.monotonic() < deadline, "no round after the first one"
+            time.sleep(0.05)
+    finally:
+        assert flusher.close(10.0)
+        storage.close()
