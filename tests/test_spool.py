@@ -245,7 +245,7 @@ def test_daemon_keeps_complete_lines_and_reports_a_cut_one(tmp_path: Path) -> No
     assert all_used(d.db) == {"a@x": 3, "b@x": 4}
 
 
-def test_daemon_neither_reads_nor_writes_through_a_planted_symlink(tmp_path: Path) -> None:
+def test_daemon_does_not_read_a_planted_symlink(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     victim = tmp_path / "victim.conf"
@@ -255,21 +255,38 @@ def test_daemon_neither_reads_nor_writes_through_a_planted_symlink(tmp_path: Pat
     path.symlink_to(victim)
     d = SQLiteDaemon(tmp_path)
     try:
-        d.wait_log("is a symbolic link")
         send(d.port, {"a@x": 2})
-        with locked(d.db):
+    finally:
+        assert d.stop() == 0
+    assert all_used(d.db) == {"a@x": 2}  # nothing read through the link
+    assert "is a symbolic link; left in place" in d.text()
+    assert path.is_symlink() and victim.read_bytes() == before
+
+
+def test_daemon_does_not_write_through_a_symlink_planted_while_it_runs(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.conf"
+    victim.write_text("# a file the daemon's user may write\n")
+    before = victim.read_bytes()
+    d = SQLiteDaemon(tmp_path)
+    try:
+        send(d.port, {"a@x": 2})
+        d.spool_path().symlink_to(victim)  # a local user, in a state directory too open
+        with locked(d.db):  # the stop must spool
             assert d.stop() == 0
     finally:
         d.stop()
     assert victim.read_bytes() == before  # nothing appended to the link's target
-    assert "planted@x" not in all_used(d.db)
-    assert [p.is_symlink() for p in sorted(state.iterdir())] == [False, True]  # aside
+    assert "moved aside" in d.text()
+    state = sorted(d.spool_path().parent.glob(spool.SPOOL_NAME + "*"))
+    assert [p.is_symlink() for p in state] == [False, True]  # the spool; the link, aside
+    assert spool.load(d.spool_path()) is not None
     d2 = SQLiteDaemon(tmp_path)
     try:
         d2.wait_log("spooled counts written")
     finally:
         assert d2.stop() == 0
     assert all_used(d2.db) == {"a@x": 2}
+    assert victim.read_bytes() == before
 
 
 def test_a_crash_after_the_spool_is_written_but_not_removed_counts_once(
