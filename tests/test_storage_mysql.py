@@ -467,6 +467,8 @@ def test_an_unanswered_commit_keeps_its_flush_log_row_for_the_next_start(
             storage.apply([Delta("a@x", 2, E1)], default_quota=10)
         flush = info.value.flush
         assert info.value.resolve is not None and flush is not None
+        # The database answers again by the time the daemon closes its storage.
+        eventually(lambda: storage.load(["a@x"]))
         storage.close()
     finally:
         proxy.close()
