@@ -298,6 +298,7 @@ class Daemon:
         self._check_state_dir(path.parent)
         deltas = [d for section in sections for d in section.deltas]
         total = sum(d.n for d in deltas)
+        keys = len({d.sender for d in deltas})
         try:
             aside = spool.write(path, sections)
         except OSError as exc:
@@ -308,7 +309,7 @@ class Daemon:
             log.error("%s was not the daemon's own file: moved aside to %s, unread", path,
                       aside)
         log.warning("database unreachable at stop: %d pending counts of %d keys saved to %s; "
-                    "they are written at the next start", total, len(deltas), path)
+                    "they are written at the next start", total, keys, path)
 
     def _replay_spool(self) -> None:
         """Hand the last stop's spool to the flusher, and try to write it at once.
@@ -335,7 +336,7 @@ class Daemon:
             log.error("%s line %d skipped: %s: %r", path, bad.number, bad.reason, bad.text)
         deltas = [d for section in parsed.sections for d in section.deltas]
         log.info("replaying %d spooled counts of %d keys from the last stop%s",
-                 sum(d.n for d in deltas), len(deltas),
+                 sum(d.n for d in deltas), len({d.sender for d in deltas}),
                  f" ({len(parsed.bad)} bad lines skipped)" if parsed.bad else "")
         self.flusher.adopt_spool(path, parsed.sections)
         if not self.flusher.write_spooled():

@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import stat
 import time
 import uuid
@@ -73,13 +74,14 @@ def new_flush_id() -> FlushId:
 # -- pure parts ------------------------------------------------------------------------
 
 
-def parse(data: bytes) -> Parsed:
+def parse(data: bytes, origin: str = "") -> Parsed:
     """Every complete, valid line, grouped into sections in order of first appearance.
 
     A line that is cut short (a stop killed while writing, a full disk), not JSON or not
     a count is skipped and reported; the others are kept. Lines without a section name
-    (written by versions before it existed) form one section, named after their content
-    so that every start gives it the same name.
+    (written by versions before it existed) form one section, named after ``origin``
+    (which host's which file) and their content, so that every start gives it the same
+    name and two hosts' identical files different ones.
     """
     by_flush: dict[FlushId, list[Delta]] = {}
     legacy: list[Delta] = []
@@ -104,7 +106,8 @@ def parse(data: bytes) -> Parsed:
             by_flush.setdefault(flush, []).append(delta)
     sections = [Section(f, d) for f, d in by_flush.items()]
     if legacy:
-        digest = hashlib.sha256(b"\n".join(legacy_text)).hexdigest()[:32]
+        digest = hashlib.sha256(origin.encode("utf-8", "surrogateescape") + b"\0"
+                                + b"\n".join(legacy_text)).hexdigest()[:32]
         sections.insert(0, Section(FlushId("spool-" + digest, 1), legacy))
     return Parsed(sections, bad)
 
@@ -213,7 +216,7 @@ def load(path: Path) -> Parsed | None:
             chunks.append(chunk)
     finally:
         os.close(fd)
-    return parse(b"".join(chunks))
+    return parse(b"".join(chunks), f"{socket.gethostname()}:{path}")
 
 
 def write(path: Path, sections: Sequence[Section]) -> Path | None:

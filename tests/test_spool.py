@@ -83,6 +83,8 @@ def test_lines_of_the_older_format_form_one_section_named_after_their_content() 
     assert section.deltas == [Delta("a@x", 1, E1), Delta("b@x", 2, E1)]
     assert section.flush.source.startswith("spool-") and section.flush.seq == 1
     assert spool.parse(old + line("c@x", 1, None)).sections[0].flush != section.flush
+    # The same content on another host (sharing the database) is another section.
+    assert spool.parse(old, "mx2:/var/lib/x").sections[0].flush != section.flush
 
 
 def test_format_and_parse_round_trip_any_key() -> None:
