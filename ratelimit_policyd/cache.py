@@ -340,15 +340,6 @@ class QuotaCache:
                 self._lock.release()
         return evicted
 
-    def add_rolled(self, deltas: Iterable[Delta]) -> None:
-        """Counts to write that belong to no cached entry (spooled at the last stop)."""
-        items = [(d.sender, d.n, d.expiry) for d in deltas]
-        self._take()
-        try:
-            self._rolled.extend(items)
-        finally:
-            self._lock.release()
-
     def reconfigure(self, calendar: Calendar, default_quota: int) -> None:
         """New period/default quota (reload): applies from each key's next window."""
         self._take()

@@ -3,7 +3,10 @@
 Each round: drain the cache, apply the deltas as atomic increments (one transaction per
 chunk), feed the rows read back into the cache, re-read recently used clean keys (so an
 operator's quota change or another daemon's counts are seen), evict idle entries. A
-failed write puts the counts back into the cache; nothing is dropped.
+failed write puts the counts back into the cache; nothing is dropped. Counts spooled at
+the last stop are written first, each section exactly once (``Storage.apply_once``), and
+their file removed only then; at a stop with the database unreachable, ``unwritten()``
+hands back everything not known to be written, for the spool.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+from ratelimit_policyd import spool
 from ratelimit_policyd.cache import Batch, QuotaCache
-from ratelimit_policyd.model import Row
+from ratelimit_policyd.model import Delta, FlushId, Row
 from ratelimit_policyd.storage.base import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -97,8 +102,14 @@ class Flusher(threading.Thread):
         # flush_once runs in this thread and, for the final flush, in the stopping one.
         self._flush_lock = threading.Lock()
         self.stats = FlushStats()
-        # A batch whose COMMIT was not answered, and how to learn whether it committed.
-        self._in_doubt: tuple[Batch, Callable[[], dict[str, Row] | None]] | None = None
+        # A batch whose COMMIT was not answered, how to learn whether it committed, and
+        # its flush log entry (None without a flush log: nobody can tell then).
+        self._in_doubt: (
+            tuple[Batch, Callable[[], dict[str, Row] | None], FlushId | None] | None) = None
+        # The spool file of the last stop and its sections, each with whether it is
+        # written: the file stays until all are (guarded by _flush_lock).
+        self._spool_path: Path | None = None
+        self._spooled: list[tuple[spool.Section, bool]] = []
 
     @property
     def interval(self) -> float:
@@ -132,11 +143,13 @@ class Flusher(threading.Thread):
         cache = self.cache
         ok = True
         written = 0
+        if self._spool_path is not None and not self._write_spooled():
+            ok = False
         if self._in_doubt is not None:
             # A write whose COMMIT was not answered: learn its outcome before writing
             # anything else, so that it is neither lost nor written twice. Its counts
             # stay visible (in flight) meanwhile.
-            doubtful, resolve = self._in_doubt
+            doubtful, resolve, _flush = self._in_doubt
             try:
                 resolved = resolve()
             except StorageError as exc:
@@ -154,7 +167,7 @@ class Flusher(threading.Thread):
                 rows = self.storage.apply(batch.deltas, self._default_quota())
             except StorageError as exc:
                 if exc.resolve is not None:
-                    self._in_doubt = (batch, exc.resolve)
+                    self._in_doubt = (batch, exc.resolve, exc.flush)
                 else:
                     cache.restore(batch)
                 ok = False
@@ -193,14 +206,95 @@ class Flusher(threading.Thread):
                         "flushed %d keys in %.3f s", written, st.last_seconds)
         return ok
 
-    def _failed(self, exc: StorageError, n: int) -> None:
+    def _failed(self, exc: StorageError, n: int, where: str = "in memory") -> None:
         st = self.stats
         st.failures += 1
         if st.last_ok or str(exc) != st.last_error:
-            log.error("flush failed (%s); %d keys keep their counts in memory and are "
-                      "retried every %.1f s", exc, n, self.interval)
+            log.error("flush failed (%s); %d keys keep their counts %s and are "
+                      "retried every %.1f s", exc, n, where, self.interval)
         st.last_ok = False
         st.last_error = str(exc)
+
+    # -- the spool of the last stop --------------------------------------------------
+
+    def adopt_spool(self, path: Path, sections: list[spool.Section]) -> None:
+        """Counts spooled at the last stop (read from ``path``), to write before
+        anything else; the file is removed once every section is in the database."""
+        with self._flush_lock:
+            self._spool_path = path
+            self._spooled = [(section, False) for section in sections]
+
+    def write_spooled(self) -> bool:
+        """Try to write the spooled counts now; True when none is left to write."""
+        with self._flush_lock:
+            return self._spool_path is None or self._write_spooled()
+
+    def _write_spooled(self) -> bool:
+        path = self._spool_path
+        assert path is not None
+        for i, (section, done) in enumerate(self._spooled):
+            if done:
+                continue
+            try:
+                applied = self.storage.apply_once(section.deltas, self._default_quota(),
+                                                  section.flush)
+            except StorageError as exc:
+                self._failed(exc, len(section.deltas), f"in {path}")
+                return False
+            self._spooled[i] = (section, True)
+            n = sum(d.n for d in section.deltas)
+            if applied:
+                log.info("spooled counts written: %d counts of %d keys (%s)", n,
+                         len(section.deltas), section.flush.source)
+            else:
+                log.warning("spooled counts already in the database, not written again: "
+                            "%d counts of %d keys (%s; written before a crash, or by a "
+                            "COMMIT whose answer was lost)", n, len(section.deltas),
+                            section.flush.source)
+        sources = [section.flush.source for section, _done in self._spooled]
+        self._spool_path = None
+        self._spooled = []
+        try:
+            spool.remove(path)
+        except OSError as exc:
+            # The flush log rows stay, so the next start finds these counts written
+            # and tries the removal again; forgetting them now would count them twice.
+            log.error("spooled counts written, but %s cannot be removed: %s", path, exc)
+            return True
+        try:
+            self.storage.forget_flushes(sources)
+        except StorageError as exc:
+            log.warning("could not delete the flush log rows of the written spool (%s); "
+                        "they are small and harmless", exc)
+        return True
+
+    def unwritten(self) -> list[spool.Section]:
+        """Every count not known to be in the database, as spool sections, for a stop
+        whose final flush failed; the flusher lets go of them.
+
+        Spooled sections written meanwhile are kept too: their flush log rows stay
+        until a file no longer names them, so the next start skips them. A batch whose
+        COMMIT went unanswered keeps its flush log entry, so the next start writes it
+        only if it did not commit.
+        """
+        with self._flush_lock:
+            sections = [section for section, _done in self._spooled]
+            self._spool_path = None
+            self._spooled = []
+            fresh: list[Delta] = []
+            if self._in_doubt is not None:
+                batch, _resolve, flush = self._in_doubt
+                self._in_doubt = None
+                if flush is not None:
+                    sections.append(spool.Section(flush, batch.deltas))
+                else:
+                    # No flush log: nobody can tell, and the next flush would send it
+                    # again; so does the next start.
+                    fresh += batch.deltas
+            fresh += self.cache.drain().deltas
+            if fresh:
+                sections.append(spool.Section(spool.new_flush_id(), fresh))
+            return sections
 
     def close(self, timeout: float) -> bool:
         """Stop the thread and flush what is left, retrying until ``timeout``.

@@ -11,7 +11,6 @@ and drop privileges between it and ``start()``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import select
@@ -24,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ratelimit_policyd import __version__
+from ratelimit_policyd import __version__, spool
 from ratelimit_policyd.cache import QuotaCache
 from ratelimit_policyd.config import ConfigError, Settings, redact_url, reload
 from ratelimit_policyd.control import ControlError, ControlServer, control_path
@@ -32,7 +31,6 @@ from ratelimit_policyd.engine import DUNNO, Engine
 from ratelimit_policyd.flusher import Flusher
 from ratelimit_policyd.loader import MissLoader
 from ratelimit_policyd.logs import DecisionLog, build_handlers, install_handlers, setup_logging
-from ratelimit_policyd.model import Delta
 from ratelimit_policyd.server import AccessList, PolicyServer, parse_networks
 from ratelimit_policyd.storage import open_storage
 from ratelimit_policyd.storage.base import Storage, StorageError
@@ -42,7 +40,6 @@ log = logging.getLogger(__name__)
 #: Thread stack size for connection threads: hundreds of Postfix connections each hold
 #: a thread, and the default 8 MiB of address space each is far more than they use.
 THREAD_STACK_SIZE = 512 * 1024
-SPOOL_NAME = "pending-counts.jsonl"
 
 
 def sd_notify(message: str) -> None:
@@ -352,44 +349,68 @@ class Daemon:
     # -- spool: counts that could not be written at stop ----------------------------
 
     def _spool_path(self) -> Path:
-        return self.settings.state_dir() / SPOOL_NAME
+        return self.settings.state_dir() / spool.SPOOL_NAME
+
+    def _check_state_dir(self, directory: Path) -> None:
+        # Warn, not refuse: refusing would lose the counts of a stop, and every file
+        # operation of the spool is safe in such a directory anyway.
+        problem = spool.check_dir(directory)
+        if problem is not None:
+            log.warning("state directory %s is %s: another user could delete or replace "
+                        "the spooled counts; make it owned by the daemon's user, mode 0750",
+                        directory, problem)
 
     def _write_spool(self) -> None:
         """The database is down at stop: keep the counts on disk for the next start."""
-        batch = self.cache.drain()
-        if not batch.deltas:
+        assert self.flusher is not None
+        sections = self.flusher.unwritten()
+        if not sections:
             return
         path = self._spool_path()
+        self._check_state_dir(path.parent)
+        deltas = [d for section in sections for d in section.deltas]
+        total = sum(d.n for d in deltas)
+        keys = len({d.sender for d in deltas})
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as f:
-                for d in batch.deltas:
-                    f.write(json.dumps({"sender": d.sender, "n": d.n, "expiry": d.expiry}) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            aside = spool.write(path, sections)
         except OSError as exc:
             log.error("could not write %d pending counts to %s (%s); they are lost: %s",
-                      sum(d.n for d in batch.deltas), path, exc,
-                      ", ".join(f"{d.sender}+{d.n}" for d in batch.deltas[:50]))
+                      total, path, exc, ", ".join(f"{d.sender}+{d.n}" for d in deltas[:50]))
             return
+        if aside is not None:
+            log.error("%s was not the daemon's own file: moved aside to %s, unread", path,
+                      aside)
         log.warning("database unreachable at stop: %d pending counts of %d keys saved to %s; "
-                    "they are written at the next start", sum(d.n for d in batch.deltas),
-                    len(batch.deltas), path)
+                    "they are written at the next start", total, keys, path)
 
     def _replay_spool(self) -> None:
+        """Hand the last stop's spool to the flusher, and try to write it at once.
+
+        The file stays until its counts are in the database: a crash, or a stop while
+        the database is still down, keeps them; the flush log makes a second attempt
+        after a crash write nothing twice.
+        """
+        assert self.flusher is not None
         path = self._spool_path()
-        if not path.exists():
-            return
-        deltas: list[Delta] = []
+        self._check_state_dir(path.parent)
         try:
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    d = json.loads(line)
-                    deltas.append(Delta(str(d["sender"]), int(d["n"]), int(d["expiry"])))
-        except (OSError, ValueError, KeyError) as exc:
+            parsed = spool.load(path)
+        except spool.UnsafeSpool as exc:
+            log.error("spooled counts not read: %s; left in place (a spool must be a file "
+                      "of the daemon's user, mode 0600)", exc)
+            return
+        except OSError as exc:
             log.error("cannot read spooled counts from %s: %s (left in place)", path, exc)
             return
-        self.cache.add_rolled(deltas)
-        path.rename(path.with_suffix(".replayed"))
-        log.info("replaying %d spooled counts of %d keys from the last stop",
-                 sum(d.n for d in deltas), len(deltas))
+        if parsed is None:
+            return
+        for bad in parsed.bad:
+            log.error("%s line %d skipped: %s: %r", path, bad.number, bad.reason, bad.text)
+        deltas = [d for section in parsed.sections for d in section.deltas]
+        log.info("replaying %d spooled counts of %d keys from the last stop%s",
+                 sum(d.n for d in deltas), len({d.sender for d in deltas}),
+                 f" ({len(parsed.bad)} bad lines skipped)" if parsed.bad else "")
+        self.flusher.adopt_spool(path, parsed.sections)
+        if not self.flusher.write_spooled():
+            log.warning("the spooled counts stay in %s until the database is reachable",
+                        path)

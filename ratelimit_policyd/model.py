@@ -54,3 +54,17 @@ class Delta(NamedTuple):
     sender: str
     n: int
     expiry: int
+
+
+class FlushId(NamedTuple):
+    """Names one write in the flush log table: ``source`` (a daemon's random id, or a
+    spool section's) and its sequence number there.
+
+    The write records ``(source, seq)`` in the same transaction as its counts, so the
+    row says afterwards whether they committed: they did when the row holds ``seq`` or
+    more. That is how a write whose COMMIT went unanswered, or spooled counts a crash
+    may already have written, are counted exactly once.
+    """
+
+    source: str
+    seq: int

@@ -405,9 +405,19 @@ class CommitCutter:
     It reads the client's MySQL packets (3-byte length, sequence number, payload) to
     spot a COM_QUERY (0x03) ``COMMIT`` that follows an ``INSERT`` or ``UPDATE`` on the
     same connection; everything else passes through unchanged.
+
+    ``lose="commit"`` drops the COMMIT itself instead, so the server rolls the
+    transaction back; the client sees the same thing. ``partition``: from the cut on,
+    every connection through the proxy is closed, new ones at once (a network partition
+    between the daemon and its database).
     """
 
-    def __init__(self, upstream: tuple[str, int]) -> None:
+    def __init__(self, upstream: tuple[str, int], *, lose: str = "answer",
+                 partition: bool = False) -> None:
+        assert lose in ("answer", "commit")
+        self.lose = lose
+        self.partition = partition
+        self.partitioned = threading.Event()
         self.upstream = upstream
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.listener.getsockname()[1]
@@ -438,6 +448,9 @@ class CommitCutter:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.partitioned.is_set():
+                client.close()
+                continue
             server = socket.create_connection(self.upstream)
             with self._lock:
                 self._socks += [client, server]
@@ -465,6 +478,11 @@ class CommitCutter:
                             if state["wrote"] and self.armed.is_set():
                                 self.armed.clear()
                                 state["cutting"] = True
+                                if self.lose == "commit":
+                                    # The server never sees the COMMIT; the closed
+                                    # connection makes it roll back.
+                                    self._cut(client, server)
+                                    return
                             state["wrote"] = False
                     server.sendall(packet)
         except OSError:
@@ -479,12 +497,28 @@ class CommitCutter:
                 if state["cutting"]:
                     # The server's answer to the COMMIT: it has committed. Drop the
                     # answer and the connection, as a network failure would.
-                    client.close()
-                    server.close()
-                    self.cut.set()
+                    self._cut(client, server)
                     return
                 client.sendall(data)
         except OSError:
             pass
         with contextlib.suppress(OSError):
             client.shutdown(socket.SHUT_WR)
+
+    def _cut(self, client: socket.socket, server: socket.socket) -> None:
+        for s in (client, server):
+            # shutdown() first: close() alone neither wakes the other thread blocked in
+            # recv() on it nor sends the FIN while that thread holds it; the server
+            # must see the connection end (and roll back an uncommitted transaction).
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        if self.partition:
+            self.partitioned.set()
+            with self._lock:
+                for s in self._socks:
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
+                    with contextlib.suppress(OSError):
+                        s.close()
+        self.cut.set()

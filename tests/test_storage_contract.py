@@ -729,3 +729,30 @@ def test_sqlite_reports_an_unusable_path(tmp_path: Path) -> None:
     with pytest.raises(StorageError) as info:
         open_storage(f"sqlite://{blocker}/sub/rl.sqlite3")
     assert info.value.transient is False
+
+
+# -- apply_once: spooled counts written exactly once -----------------------------------
+
+
+def test_apply_once_writes_a_flush_once_and_a_later_sequence_again(
+    backend: Backend, storage: Storage
+) -> None:
+    from ratelimit_policyd.model import FlushId
+
+    mark = FlushId("spool-" + "5" * 32, 3)
+    deltas = [Delta("b@x", 1, E1), Delta("a@x", 2, E1), Delta("a@x", 1, E2)]
+    assert storage.apply_once(deltas, 100, mark) is True
+    # Again (a crash before the spool file was removed): nothing is written.
+    assert storage.apply_once(deltas, 100, mark) is False
+    assert storage.apply_once(deltas, 100, mark._replace(seq=2)) is False  # older
+    assert storage.load(["a@x", "b@x"]) == {"a@x": row("a@x", 100, 1, E2),
+                                            "b@x": row("b@x", 100, 1, E1)}
+    assert backend.sql("SELECT daemon, seq FROM ratelimit_flushlog") == [(mark.source, 3)]
+    # A later flush of the same source (a daemon's next batch) is written.
+    assert storage.apply_once([Delta("b@x", 4, E1)], 100, mark._replace(seq=4)) is True
+    assert storage.load(["b@x"])["b@x"].used == 5
+    other = FlushId("0" * 32, 1)
+    assert storage.apply_once([Delta("b@x", 1, E1)], 100, other) is True
+    storage.forget_flushes([mark.source, "never-seen"])
+    assert backend.sql("SELECT daemon, seq FROM ratelimit_flushlog") == [(other.source, 1)]
+    storage.forget_flushes([])

@@ -542,3 +542,36 @@ def test_more_threads_than_pooled_connections_wait_their_turn(
         for future in [pool.submit(work, i) for i in range(12)]:
             future.result()
     assert {k: r.used for k, r in storage.load(keys).items()} == dict.fromkeys(keys, 20)
+
+
+def test_an_unanswered_commit_keeps_its_flush_log_row_for_the_next_start(
+    mariadb: MariaDB, mysql_db: str
+) -> None:
+    # The daemon stops before it could learn whether the flush committed (its counts
+    # are spooled with the flush's entry): closing the storage must not delete the
+    # row that the next start reads to tell.
+    from tests.faultkit import CommitCutter
+
+    url = mariadb.url(mysql_db)
+    proxy = CommitCutter((mariadb.host, mariadb.port))
+    try:
+        storage = open_storage(proxy.url(url), connect_timeout=1.0, read_timeout=2.0)
+        storage.apply([Delta("a@x", 1, E1)], default_quota=10)
+        proxy.arm()
+        with pytest.raises(StorageError) as info:
+            storage.apply([Delta("a@x", 2, E1)], default_quota=10)
+        flush = info.value.flush
+        assert info.value.resolve is not None and flush is not None
+        # The database answers again by the time the daemon closes its storage.
+        eventually(lambda: storage.load(["a@x"]))
+        storage.close()
+    finally:
+        proxy.close()
+    assert mariadb.execute("SELECT daemon, seq FROM ratelimit_flushlog", db=mysql_db) == [
+        (flush.source, flush.seq)]
+    again = open_storage(url)
+    try:
+        assert again.apply_once([Delta("a@x", 2, E1)], 10, flush) is False
+        assert again.load(["a@x"])["a@x"].used == 3
+    finally:
+        again.close()

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ratelimit_policyd.model import Delta, Row
+from ratelimit_policyd.model import Delta, FlushId, Row
 from ratelimit_policyd.storage.keymerge import KeyMerge
 
 
@@ -32,6 +32,11 @@ class StorageError(Exception):
         #: written if the write committed, None if it did not (send it again), and
         #: raises StorageError while that cannot be known yet.
         self.resolve = resolve
+        #: With ``resolve``, when the write was recorded in the flush log: its entry
+        #: there. A daemon that must stop before it could resolve the write spools the
+        #: counts with it, and the next start asks ``apply_once`` to write them only if
+        #: they did not commit.
+        self.flush: FlushId | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,20 @@ class Storage(Protocol):
         logged error, and its sender left out of the result, so that one bad key cannot
         block the others forever.
         """
+
+    def apply_once(self, deltas: Sequence[Delta], default_quota: int, flush: FlushId) -> bool:
+        """Apply the deltas as ``apply`` does, unless ``flush`` is in the flush log.
+
+        In one transaction: when the flush log holds ``flush.source`` with a sequence of
+        ``flush.seq`` or more, the deltas are in the database already and nothing is
+        written (False); otherwise they are applied and ``flush`` is recorded with them
+        (True). Calling it again after a crash, or after a COMMIT whose answer was
+        lost, therefore never counts twice. Without a flush log table (a MySQL schema
+        without sql/mysql/002_flushlog.sql) the deltas are applied every time.
+        """
+
+    def forget_flushes(self, sources: Sequence[str]) -> None:
+        """Delete these sources' rows from the flush log (once nothing refers to them)."""
 
     def iter_rows(self) -> Iterable[Row]:
         """Every row, for the admin ``list`` command."""

@@ -23,7 +23,7 @@ import pymysql
 from dbutils.pooled_db import PooledDB, PooledDBError
 from pymysql.constants import CLIENT
 
-from ratelimit_policyd.model import Delta, Row
+from ratelimit_policyd.model import Delta, FlushId, Row
 from ratelimit_policyd.storage.base import StorageError, TableNames
 from ratelimit_policyd.storage.keymerge import KeyMerge, needs_lowering, plan_merge
 
@@ -286,6 +286,11 @@ class MySQLStorage:
         self._daemon_id = uuid.uuid4().hex
         self._flush_seq = itertools.count(1)
         self._logged_flush = False
+        # Sequences of flushes whose COMMIT went unanswered and that no resolve() has
+        # settled yet: while there is one, this daemon's flush log row is still the
+        # only witness of whether it committed (its counts may be spooled with it),
+        # so close() must leave the row in place.
+        self._doubtful: set[int] = set()
         self._closed = False
         connector = _Connector(
             self._breaker,
@@ -388,7 +393,9 @@ class MySQLStorage:
             " ON DUPLICATE KEY UPDATE `seq` = VALUES(`seq`)"
         )
         self._flushlog_select = f"SELECT `seq` FROM {fl} WHERE `daemon` = %s"
+        self._flushlog_lock = self._flushlog_select + " FOR UPDATE"
         self._flushlog_delete = f"DELETE FROM {fl} WHERE `daemon` = %s"
+        self._flushlog_delete_in = f"DELETE FROM {fl} WHERE `daemon` IN "
 
     # -- schema ---------------------------------------------------------------------
 
@@ -513,27 +520,71 @@ class MySQLStorage:
                 found = cur.fetchall()
                 return bool(found) and int(found[0][0]) >= seq
 
-            if not self._run("check a flush whose COMMIT was not answered", check):
+            committed = self._run("check a flush whose COMMIT was not answered", check)
+            self._doubtful.discard(seq)
+            if not committed:
                 return None
             log.warning("the COMMIT of flush %d was not answered, but it committed: "
                         "not written again", seq)
             return self.load(sorted({d.sender for d in ordered}))
 
-        return self._run(
-            "apply counts",
-            lambda cur: self._apply(cur, ordered, default_quota, seq),
-            write=True,
-            attempts=TX_ATTEMPTS,
-            on_commit_lost=resolve,
-        )
+        mark = FlushId(self._daemon_id, seq)
+        try:
+            return self._run(
+                "apply counts",
+                lambda cur: self._apply(cur, ordered, default_quota, mark),
+                write=True,
+                attempts=TX_ATTEMPTS,
+                on_commit_lost=resolve,
+            )
+        except StorageError as exc:
+            if exc.resolve is not None and self._logged_flush:
+                self._doubtful.add(seq)
+                exc.flush = mark
+            raise
+
+    def apply_once(self, deltas: Sequence[Delta], default_quota: int, flush: FlushId) -> bool:
+        """See ``Storage.apply_once``: check and write in one transaction.
+
+        The flush log row of ``flush.source`` is read with FOR UPDATE, so a transaction
+        that wrote it and is still finishing on the server (its client gone) is waited
+        for rather than overtaken.
+        """
+        if not deltas:
+            return False
+        ordered = sorted(deltas, key=lambda d: d.sender)
+
+        def work(cur: _Cursor) -> bool:
+            if self._table_info(cur).flushlog:
+                cur.execute(self._flushlog_lock, (flush.source,))
+                found = cur.fetchall()
+                if found and int(found[0][0]) >= flush.seq:
+                    return False
+            self._apply(cur, ordered, default_quota, flush)
+            return True
+
+        # No on_commit_lost: an unanswered COMMIT leaves the flush log to tell, and the
+        # caller simply calls again.
+        return self._run("write spooled counts", work, write=True, attempts=TX_ATTEMPTS)
+
+    def forget_flushes(self, sources: Sequence[str]) -> None:
+        if not sources:
+            return
+
+        def delete(cur: _Cursor) -> None:
+            if self._table_info(cur).flushlog:
+                cur.execute(self._flushlog_delete_in + "(" + _marks(len(sources)) + ")",
+                            list(sources))
+
+        self._run("forget flush log rows", delete, write=True)
 
     def _apply(self, cur: _Cursor, ordered: list[Delta], default_quota: int,
-               seq: int) -> dict[str, Row]:
+               mark: FlushId) -> dict[str, Row]:
         info = self._table_info(cur)
         self._logged_flush = info.flushlog
         if info.flushlog:
             # In the same transaction as the counts: this row says whether they committed.
-            cur.execute(self._flushlog_upsert, (self._daemon_id, seq))
+            cur.execute(self._flushlog_upsert, mark)
         dropped: set[str] = set()
         for delta in ordered:
             reason = info.refuses(delta.sender)
@@ -730,7 +781,10 @@ class MySQLStorage:
         return {r.sender: r for r in map(_row, found) if r.sender in wanted}
 
     def close(self) -> None:
-        if self._logged_flush and not self._closed:
+        if self._doubtful and not self._closed:
+            log.info("flush log row %s kept: it tells the next start whether the spooled "
+                     "flush %d committed", self._daemon_id, max(self._doubtful))
+        elif self._logged_flush and not self._closed:
             try:  # this process's row in the flush log is of no use once it stops
                 self._run("forget the flush log row",
                           lambda cur: cur.execute(self._flushlog_delete, (self._daemon_id,)),

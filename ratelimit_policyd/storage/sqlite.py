@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
-from ratelimit_policyd.model import Delta, Row
+from ratelimit_policyd.model import Delta, FlushId, Row
 from ratelimit_policyd.storage.base import StorageError, TableNames
 from ratelimit_policyd.storage.keymerge import KeyMerge, needs_lowering, plan_merge
 
@@ -51,7 +51,18 @@ def schema_ddl(names: TableNames = TableNames()) -> list[str]:  # noqa: B008 -- 
         f"CREATE VIEW IF NOT EXISTS {_q('view_' + names.table)} AS"
         f' SELECT "id", {s}, {p}, {q}, {u}, {upd},'
         f" datetime({e}, 'unixepoch', 'localtime') AS {e} FROM {t}",
+        flushlog_ddl(names),
     ]
+
+
+def flushlog_ddl(names: TableNames = TableNames()) -> str:  # noqa: B008 -- frozen
+    """sql/sqlite/002_flushlog.sql: which spooled counts are written already."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS {_q(names.table + '_flushlog')} ("
+        ' "daemon" TEXT NOT NULL PRIMARY KEY,'
+        ' "seq" INTEGER NOT NULL,'
+        ' "updated" TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)'
+    )
 
 
 class SQLiteStorage:
@@ -143,6 +154,14 @@ class SQLiteStorage:
             f" {e} = MAX(COALESCE({e}, 0), ?), {upd} = CURRENT_TIMESTAMP WHERE {s} = ?"
         )
         self._merge_quota = f"UPDATE {t} SET {q} = ?, {p} = 1 WHERE {s} = ?"
+        fl = _q(n.table + "_flushlog")
+        self._flushlog_create = flushlog_ddl(n)
+        self._flushlog_select = f'SELECT "seq" FROM {fl} WHERE "daemon" = ?'
+        self._flushlog_upsert = (
+            f'INSERT INTO {fl} ("daemon", "seq") VALUES (?, ?) ON CONFLICT ("daemon")'
+            ' DO UPDATE SET "seq" = excluded."seq", "updated" = CURRENT_TIMESTAMP'
+        )
+        self._flushlog_delete_in = f'DELETE FROM {fl} WHERE "daemon" IN '
 
     # -- schema ---------------------------------------------------------------------
 
@@ -211,37 +230,68 @@ class SQLiteStorage:
         if not deltas:
             return {}
         ordered = sorted(deltas, key=lambda d: d.sender)
-        dropped: set[str] = set()
         with self._transaction("apply counts") as con:
-            # Fast path: one executemany (a C loop) inside a savepoint. Only if the table
-            # refuses a value does it fall back to one statement per delta, to drop
-            # just the refused ones.
-            con.execute("SAVEPOINT bulk")
+            return self._apply(con, ordered, default_quota)
+
+    def apply_once(self, deltas: Sequence[Delta], default_quota: int, flush: FlushId) -> bool:
+        """See ``Storage.apply_once``. A COMMIT here cannot go unanswered, but a crash
+        between writing spooled counts and removing the spool file can: the flush log
+        table (created here for a file made before it existed) tells the next start."""
+        if not deltas:
+            return False
+        ordered = sorted(deltas, key=lambda d: d.sender)
+        with self._transaction("write spooled counts") as con:
+            con.execute(self._flushlog_create)
+            found = con.execute(self._flushlog_select, (flush.source,)).fetchone()
+            if found is not None and int(found[0]) >= flush.seq:
+                return False
+            self._apply(con, ordered, default_quota)
+            con.execute(self._flushlog_upsert, flush)
+        return True
+
+    def forget_flushes(self, sources: Sequence[str]) -> None:
+        if not sources:
+            return
+        with self._transaction("forget flush log rows") as con:
+            con.execute(self._flushlog_create)
+            for start in range(0, len(sources), CHUNK):
+                part = tuple(sources[start : start + CHUNK])
+                con.execute(self._flushlog_delete_in + "(" + ", ".join("?" * len(part)) + ")",
+                            part)
+
+    def _apply(self, con: sqlite3.Connection, ordered: list[Delta],
+               default_quota: int) -> dict[str, Row]:
+        """The deltas, in sender order, inside the caller's transaction."""
+        dropped: set[str] = set()
+        # Fast path: one executemany (a C loop) inside a savepoint. Only if the table
+        # refuses a value does it fall back to one statement per delta, to drop
+        # just the refused ones.
+        con.execute("SAVEPOINT bulk")
+        try:
+            con.executemany(self._upsert, [(d.sender, default_quota, d.n, d.expiry)
+                                           for d in ordered])
+        except (sqlite3.Error, OverflowError, UnicodeEncodeError) as exc:
+            if not _is_data_error(exc):
+                raise
+            con.execute("ROLLBACK TO bulk")
+            bulk_ok = False
+        else:
+            bulk_ok = True
+        con.execute("RELEASE bulk")
+        for delta in () if bulk_ok else ordered:
             try:
-                con.executemany(self._upsert, [(d.sender, default_quota, d.n, d.expiry)
-                                               for d in ordered])
+                con.execute(self._upsert, (delta.sender, default_quota, delta.n, delta.expiry))
             except (sqlite3.Error, OverflowError, UnicodeEncodeError) as exc:
+                # SQLite undoes just the failed statement (ABORT); the transaction
+                # and the other deltas go on.
                 if not _is_data_error(exc):
                     raise
-                con.execute("ROLLBACK TO bulk")
-                bulk_ok = False
-            else:
-                bulk_ok = True
-            con.execute("RELEASE bulk")
-            for delta in () if bulk_ok else ordered:
-                try:
-                    con.execute(self._upsert, (delta.sender, default_quota, delta.n, delta.expiry))
-                except (sqlite3.Error, OverflowError, UnicodeEncodeError) as exc:
-                    # SQLite undoes just the failed statement (ABORT); the transaction
-                    # and the other deltas go on.
-                    if not _is_data_error(exc):
-                        raise
-                    _log_dropped(delta, exc)
-                    dropped.add(delta.sender)
-            senders = sorted({d.sender for d in ordered} - dropped)
-            rows: dict[str, Row] = {}
-            for start in range(0, len(senders), CHUNK):
-                rows.update(self._select_rows(con, senders[start : start + CHUNK]))
+                _log_dropped(delta, exc)
+                dropped.add(delta.sender)
+        senders = sorted({d.sender for d in ordered} - dropped)
+        rows: dict[str, Row] = {}
+        for start in range(0, len(senders), CHUNK):
+            rows.update(self._select_rows(con, senders[start : start + CHUNK]))
         return rows
 
     # -- admin operations ------------------------------------------------------------
