@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Final, NamedTuple
 
 from ratelimit_policyd.model import Delta, Row
@@ -40,6 +41,8 @@ RETRY_WINDOW: Final = 300.0
 MAX_RECENT: Final = 20_000
 #: Yields before a contended acquire blocks (see ``QuotaCache._take``).
 SPINS: Final = 1000
+#: Least recently used entries looked at when a new key needs room (see ``_add``).
+EVICT_TRIES: Final = 8
 
 
 class Entry:
@@ -117,6 +120,8 @@ class QuotaCache:
         self._default_quota = default_quota
         self.max_entries = max_entries
         self.idle_ttl = idle_ttl
+        #: Entries evicted to make room for new keys (status output).
+        self.evictions = 0
 
     def _take(self) -> None:
         """Acquire the lock, yielding the GIL rather than sleeping while it is taken.
@@ -137,12 +142,17 @@ class QuotaCache:
 
     # -- request path ---------------------------------------------------------------
 
-    def charge(self, key: str, n: int, now: float, token: object = None) -> Charge | None:
+    def charge(self, key: str, n: int, now: float, token: object = None,
+               fill: Entry | None = None) -> Charge | None:
         """Count ``n`` for ``key`` and say whether it went over; None on a miss.
 
         ``token`` identifies the request (Postfix's instance, state and recipient): a
         request seen again within ``RETRY_WINDOW`` seconds is a retry of one whose reply
         was lost, and gets the same answer without being counted twice.
+
+        ``fill``: the entry to cache when the key is absent (see ``charge_loaded``), so
+        that a miss is installed and counted in one lock hold: with a hard cap, an entry
+        installed first and charged later could be evicted in between.
         """
         # Computed before the lock (cached by Calendar): the start of the next window,
         # in case this key's window is over.
@@ -151,14 +161,19 @@ class QuotaCache:
             self._take()
         try:
             e = self._entries.get(key)
-            if e is None:
+            if e is None and fill is None:
                 return None
             recent = self._recent
             seen = recent.get(token) if token is not None else None
             if seen is not None and now - seen[0] < RETRY_WINDOW:
                 result = seen[1]
             else:
-                self._entries.move_to_end(key)
+                if e is None:
+                    e = fill
+                    assert e is not None  # for mypy: checked above
+                    self._add(key, e)
+                else:
+                    self._entries.move_to_end(key)
                 e.seen = now
                 if now >= e.expiry:
                     # The window is over: start a new one locally (the database
@@ -192,31 +207,69 @@ class QuotaCache:
         return Charge(used, quota, over, OVER_QUOTA if over else UPDATE if known else INSERT,
                       loaded)
 
-    def install(self, key: str, row: Row | None, now: float) -> None:
-        """Cache a key after a miss: ``row`` as loaded, or None when it has no row.
+    def charge_loaded(self, key: str, row: Row | None, n: int, now: float,
+                      token: object = None) -> Charge:
+        """``charge`` after a miss: ``row`` as loaded, or None when the key has no row.
 
-        Insert-if-absent: when two threads missed the same key, the first install wins
-        and the other's (equally fresh) row is dropped, so no count is lost.
+        Insert-if-absent: when two threads missed the same key, the first one's entry
+        wins and the other's (equally fresh) row is dropped, so no count is lost.
         """
+        charged = self.charge(key, n, now, token, self._entry_from_row(row, now))
+        assert charged is not None  # a filled charge always counts
+        return charged
+
+    def charge_unloaded(self, key: str, n: int, now: float, token: object = None) -> Charge:
+        """``charge`` after a miss whose row could not be read (database down).
+
+        The key gets the default quota; counts made meanwhile are flushed when the
+        database is back, and the row the flush returns replaces the assumed quota and
+        count.
+        """
+        charged = self.charge(key, n, now, token, self._unloaded_entry(now))
+        assert charged is not None  # a filled charge always counts
+        return charged
+
+    def install(self, key: str, row: Row | None, now: float) -> None:
+        """Cache a key without counting (``row`` as loaded; None: it has no row)."""
         self._insert_if_absent(key, self._entry_from_row(row, now))
 
     def install_unloaded(self, key: str, now: float) -> None:
-        """Cache a key whose row could not be read (database down): default quota.
-
-        Counts made meanwhile are flushed when the database is back; the row the flush
-        returns then replaces the assumed quota and count.
-        """
-        self._insert_if_absent(key, Entry(self._default_quota, False,
-                                          self._calendar.next_boundary(now), 0,
-                                          known=True, loaded=False, now=now))
+        """Cache a key whose row could not be read, without counting."""
+        self._insert_if_absent(key, self._unloaded_entry(now))
 
     def _insert_if_absent(self, key: str, entry: Entry) -> None:
         self._take()
         try:
             if key not in self._entries:
-                self._entries[key] = entry
+                self._add(key, entry)
         finally:
             self._lock.release()
+
+    def _add(self, key: str, entry: Entry) -> None:
+        """Insert a new key (lock held), first evicting to stay within ``max_entries``.
+
+        The victim is the least recently used entry without unwritten (pending or in
+        flight) counts; one holding some is never evicted, as its counts would vanish
+        from the key's view. Every charge moves its key to the end, and an entry holds
+        unwritten counts only from its last charge until the flush that writes them,
+        so such entries gather at the recent end: when the first EVICT_TRIES entries
+        all hold some, (nearly) every entry does, and the new key is cached anyway.
+        The cache then holds more than ``max_entries`` keys only while more keys than
+        that hold unwritten counts (a database that cannot be written, or more new
+        keys per flush interval than the cap), and the flusher's ``evict`` trims it
+        once they are written. Bounded work per insert: never a scan.
+        """
+        entries = self._entries
+        if len(entries) >= self.max_entries:
+            dirty = self._dirty
+            # From the least recently used end: O(1) per step on an OrderedDict (a
+            # linked list), where a plain dict would first skip its deleted slots.
+            for old, e in islice(entries.items(), EVICT_TRIES):
+                if not (e.pending or e.inflight or old in dirty):
+                    del entries[old]
+                    self.evictions += 1
+                    break
+        entries[key] = entry
 
     # -- flusher side ---------------------------------------------------------------
 
@@ -393,6 +446,10 @@ class QuotaCache:
                         e.pending + e.inflight, e.loaded)
 
     # -- internals ------------------------------------------------------------------
+
+    def _unloaded_entry(self, now: float) -> Entry:
+        return Entry(self._default_quota, False, self._calendar.next_boundary(now), 0,
+                     known=True, loaded=False, now=now)
 
     def _entry_from_row(self, row: Row | None, now: float) -> Entry:
         if row is None:

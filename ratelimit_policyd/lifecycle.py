@@ -151,7 +151,7 @@ class Daemon:
         self.engine = engine = Engine(limits, cache, storage,
                                       decision_sink=self.decision_log.append)
         engine.log_decisions = s.log.decisions
-        self.loader = MissLoader(storage, cache, time.time,
+        self.loader = MissLoader(storage,
                                  s.database.connect_timeout + s.database.read_timeout + 1.0)
         self.loader.start()
         engine.loader = self.loader

@@ -49,7 +49,8 @@ def render_status(d: Daemon) -> list[str]:
         f"connections open {srv.connections() if srv else 0}, "
         f"connections total {srv.connections_total if srv else 0}, "
         f"refused {srv.rejected_total if srv else 0}, threads {threading.active_count()}, "
-        f"requests {sum(decided.values())}, decisions {decided}, cached keys {len(snap)}, "
+        f"requests {sum(decided.values())}, decisions {decided}, cached keys {len(snap)} "
+        f"(max_entries {d.cache.max_entries}, evicted for new keys {d.cache.evictions}), "
         f"pending counts {d.cache.pending_total()}")
     if st is not None:
         lines.append(

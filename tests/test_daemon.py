@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import random
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from ratelimit_policyd.control import query
 from tests.policyclient import (
     PolicyClient,
     free_port,
@@ -136,3 +141,47 @@ def test_version() -> None:
     p = subprocess.run([sys.executable, "-m", "ratelimit_policyd", "--version"],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 0 and "ratelimit-policyd" in p.stdout
+
+
+def _status_numbers(d: DaemonProc) -> tuple[int, int]:
+    """(cached keys, pending counts) from the daemon's ``status``."""
+    text = query(d.tmp / "state" / "control.sock", "status")
+    cached = re.search(r"cached keys (\d+)", text)
+    pending = re.search(r"pending counts (\d+)", text)
+    assert cached and pending, text
+    return int(cached.group(1)), int(pending.group(1))
+
+
+def test_max_entries_is_never_exceeded_and_no_count_is_lost(tmp_path: Path) -> None:
+    # Bursts of 60 new senders and 20 returning (evicted, so re-read) ones into a cache
+    # of 100, each burst fewer keys than the cap: the cache must hold at most 100 at
+    # every look. Before, each burst's new keys stayed cached on top of the 100 until
+    # the next flush round evicted them.
+    conf = tmp_path / "rl.conf"
+    conf.write_text("[cache]\nmax_entries = 100\nflush_interval = 0.5\n")
+    d = DaemonProc(tmp_path, "--default-quota", "1000", config=conf)
+    sent: dict[str, int] = {}
+    rnd = random.Random(3)
+    looks: list[int] = []
+    try:
+        with PolicyClient(d.port) as c:
+            for burst in range(20):
+                keys = [f"s{burst * 60 + i}@example.com" for i in range(60)]
+                keys += rnd.sample(sorted(sent), 20) if sent else []
+                for key in keys:
+                    assert c.ask(request_bytes(sasl_username=key)) == "DUNNO"
+                    sent[key] = sent.get(key, 0) + 1
+                cached, _pending = _status_numbers(d)
+                looks.append(cached)
+                deadline = time.monotonic() + 30
+                while _status_numbers(d)[1]:  # the burst is written: all clean again
+                    assert time.monotonic() < deadline, "counts never flushed"
+                    time.sleep(0.05)
+                looks.append(_status_numbers(d)[0])
+    finally:
+        assert d.stop() == 0
+    assert max(looks) <= 100, looks
+    assert looks[-1] == 100
+    with sqlite3.connect(d.db) as con:
+        used = dict(con.execute("SELECT sender, used FROM ratelimit").fetchall())
+    assert used == sent and sum(sent.values()) == 20 * 60 + 19 * 20

@@ -8,19 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from ratelimit_policyd.cache import QuotaCache
 from ratelimit_policyd.loader import MissLoader
-from ratelimit_policyd.model import Delta, Period
+from ratelimit_policyd.model import Delta, Row
 from ratelimit_policyd.storage import open_storage
 from ratelimit_policyd.storage.base import StorageError
-from ratelimit_policyd.window import Calendar
 
 pytestmark = pytest.mark.timeout(60)
-NOW = 1_700_000_000.0
 EXPIRY = 2_000_000_000
 
 
-def test_concurrent_misses_are_read_together_and_installed(tmp_path: Path) -> None:
+def test_concurrent_misses_are_read_together_and_handed_to_every_waiter(tmp_path: Path) -> None:
     storage = open_storage(f"sqlite:///{tmp_path}/db.sqlite3", create_schema=True)
     storage.apply([Delta(f"k{i}", i, EXPIRY) for i in range(100)], 50)
     reads: list[int] = []
@@ -32,19 +29,25 @@ def test_concurrent_misses_are_read_together_and_installed(tmp_path: Path) -> No
         return real_load(keys)
 
     storage.load = counting_load  # type: ignore[method-assign]
-    cache = QuotaCache(Calendar(Period.DAILY, "UTC"), 50)
-    loader = MissLoader(storage, cache, lambda: NOW, 10.0)
+    loader = MissLoader(storage, 10.0)
     loader.start()
-    threads = [threading.Thread(target=loader.load, args=(f"k{i % 120}",)) for i in range(240)]
+    got: dict[int, Row | None] = {}
+
+    def miss(i: int) -> None:
+        got[i] = loader.load(f"k{i % 120}")
+
+    threads = [threading.Thread(target=miss, args=(i,)) for i in range(240)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     loader.stop()
-    for i in range(120):
-        row = cache.peek(f"k{i}")
-        assert row is not None, i
-        assert row.used == (i if i < 100 else 0)
+    for i in range(240):
+        row = got[i]
+        if i % 120 < 100:
+            assert row is not None and row.used == i % 120, i
+        else:
+            assert row is None, i  # no row yet: every waiter is told so
     assert sum(reads) == 120  # each key read once, however many threads missed it
     assert len(reads) < 20  # in batches, not one query per miss
     storage.close()
@@ -57,8 +60,7 @@ def test_a_failed_read_is_raised_to_every_waiter(tmp_path: Path) -> None:
         raise StorageError("database unreachable")
 
     storage.load = failing_load  # type: ignore[method-assign]
-    cache = QuotaCache(Calendar(Period.DAILY, "UTC"), 50)
-    loader = MissLoader(storage, cache, lambda: NOW, 10.0)
+    loader = MissLoader(storage, 10.0)
     loader.start()
     errors: list[str] = []
 
@@ -75,5 +77,4 @@ def test_a_failed_read_is_raised_to_every_waiter(tmp_path: Path) -> None:
         t.join()
     loader.stop()
     assert errors == ["database unreachable"] * 10
-    assert len(cache) == 0  # the engine decides what to assume, not the loader
     storage.close()
