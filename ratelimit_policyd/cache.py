@@ -58,7 +58,7 @@ class Entry:
     __slots__ = ("base", "expiry", "gen", "inflight", "known", "loaded", "pending", "persist",
                  "quota", "seen")
 
-    def __init__(self, quota: int, persist: bool, expiry: int, base: int, known: bool,
+    def __init__(self, quota: int | None, persist: bool, expiry: int, base: int, known: bool,
                  loaded: bool, now: float) -> None:
         self.quota = quota
         self.persist = persist
@@ -76,7 +76,7 @@ class Charge(NamedTuple):
     """The outcome of charging ``n`` to a key; ``used`` includes ``n``."""
 
     used: int
-    quota: int
+    quota: int | None  # None: unlimited (a NULL quota)
     over: bool
     status: str  # UPDATE | INSERT | OVER_QUOTA (the Perl daemon's log statuses)
     loaded: bool  # False: the database could not be read; quota is the default
@@ -94,7 +94,7 @@ class CacheRow:
     """A read-only view of an entry, for status output."""
 
     key: str
-    quota: int
+    quota: int | None
     used: int
     expiry: int
     persist: bool
@@ -114,7 +114,7 @@ class QuotaCache:
         # (sender, n, expiry) of windows that rolled over before they were flushed.
         self._rolled: list[tuple[str, int, int]] = []
         # Recent request tokens -> (time, answer), in insertion order.
-        self._recent: OrderedDict[object, tuple[float, tuple[int, int, bool, bool]]] = (
+        self._recent: OrderedDict[object, tuple[float, tuple[int, int | None, bool, bool]]] = (
             OrderedDict())
         self._calendar = calendar
         self._default_quota = default_quota
@@ -186,7 +186,7 @@ class QuotaCache:
                     e.base = 0
                     e.inflight = 0
                     e.expiry = next_expiry
-                    if not e.persist:
+                    if not e.persist and e.quota is not None:  # NULL stays unlimited
                         e.quota = self._default_quota
                 e.pending += n
                 self._dirty.add(key)
@@ -203,7 +203,7 @@ class QuotaCache:
         finally:
             self._lock.release()
         used, quota, known, loaded = result
-        over = used > quota
+        over = quota is not None and used > quota  # None: a NULL quota, unlimited
         return Charge(used, quota, over, OVER_QUOTA if over else UPDATE if known else INSERT,
                       loaded)
 
@@ -456,8 +456,9 @@ class QuotaCache:
             return Entry(self._default_quota, False, self._calendar.next_boundary(now), 0,
                          known=False, loaded=True, now=now)
         if row.expiry <= now:
-            # The row's window is over; the database resets it with our first count.
-            quota = row.quota if row.persist else self._default_quota
+            # The row's window is over; the database resets it with our first count
+            # (a NULL quota stays: the storage keeps it at a reset, see model.Row).
+            quota = row.quota if row.persist or row.quota is None else self._default_quota
             return Entry(quota, row.persist, self._calendar.next_boundary(now), 0,
                          known=True, loaded=True, now=now)
         return Entry(row.quota, row.persist, row.expiry, row.used, known=True, loaded=True,
@@ -502,8 +503,8 @@ class QuotaCache:
                 if expiry < e.expiry:
                     # We rolled over locally and the database has not seen a count of
                     # the new window yet: its ``used`` belongs to the old window. Only a
-                    # persistent quota carries over.
-                    if persist:
+                    # persistent or NULL (unlimited) quota carries over.
+                    if persist or quota is None:
                         e.quota = quota
                 else:
                     # Same window, or another daemon (or an operator) moved it forward.

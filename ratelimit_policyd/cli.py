@@ -318,7 +318,8 @@ def _cmd_admin(ns: argparse.Namespace, settings: Settings) -> int:
             rows = list(storage.iter_rows())
             if ns.over_quota:
                 now = time.time()
-                rows = [r for r in rows if r.used >= r.quota and r.expiry > now]
+                rows = [r for r in rows
+                        if r.quota is not None and r.used >= r.quota and r.expiry > now]
             rows.sort(key=lambda r: (-r.used, r.sender) if ns.top else (r.sender,))
             if ns.top:
                 rows = rows[: ns.top]

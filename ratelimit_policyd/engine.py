@@ -111,7 +111,8 @@ class Engine:
             line = (f"{get('queue_id', '')}: client={get('client_name', '')}"
                     f"[{get('client_address', '')}], sasl_method={get('sasl_method', '')}, "
                     f"sasl_username={get('sasl_username', '')}, recipient_count={what.n}, "
-                    f"curr_count={charge.used}/{charge.quota}, "
+                    f"curr_count={charge.used}/"
+                    f"{'unlimited' if charge.quota is None else charge.quota}, "
                     f"status={charge.status}")
             if self._sink is not None:
                 self._sink((now, line))

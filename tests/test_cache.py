@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 
-from ratelimit_policyd.cache import INSERT, OVER_QUOTA, UPDATE, QuotaCache
+from ratelimit_policyd.cache import INSERT, OVER_QUOTA, UPDATE, CacheRow, QuotaCache
 from ratelimit_policyd.model import Delta, Period, Row
 from ratelimit_policyd.window import Calendar
 
@@ -305,3 +305,22 @@ def test_a_miss_is_cached_and_counted_in_one_step() -> None:
     assert c.peek("b") is not None  # unwritten: kept
     assert c.charge_loaded("b", None, 1, T0 + 1, token="t") == retried
     assert c.pending_total() == 3
+
+
+def test_a_null_quota_is_never_refused_and_stays_unlimited_in_a_new_window() -> None:
+    # A NULL quota of a hand-made Perl table: unlimited (see model.Row).
+    c = make(default_quota=5)
+    c.install("u", Row("u", None, 10**6, NEXT_HOUR, False), T0)
+    for _ in range(20):
+        got = c.charge("u", 1, T0)
+        assert got is not None and not got.over and got.quota is None
+    rolled = c.charge("u", 1, NEXT_HOUR + 1)  # the window rolls over in the cache
+    assert rolled is not None and (rolled.used, rolled.quota, rolled.over) == (1, None, False)
+    # An expired row, and a row read back from the old window, keep it too.
+    c.install("x", Row("x", None, 99, int(T0) - 1, False), T0)
+    assert c.peek("x") == CacheRow("x", None, 0, NEXT_HOUR, False, 0, True)
+    c.charge("x", 1, T0)
+    batch = c.drain()
+    c.confirm(batch, {"x": Row("x", None, 50, int(T0) - 1, False)}, T0)
+    got = c.charge("x", 1, T0)
+    assert got is not None and got.quota is None and not got.over

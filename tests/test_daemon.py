@@ -185,3 +185,39 @@ def test_max_entries_is_never_exceeded_and_no_count_is_lost(tmp_path: Path) -> N
     with sqlite3.connect(d.db) as con:
         used = dict(con.execute("SELECT sender, used FROM ratelimit").fetchall())
     assert used == sent and sum(sent.values()) == 20 * 60 + 19 * 20
+
+
+def test_null_columns_of_a_hand_made_perl_table(tmp_path: Path) -> None:
+    # Nullable quota/used/persist, as a hand-made table for the Perl daemon may have
+    # them: a NULL quota is unlimited (the Perl daemon never refused such a key), a NULL
+    # used counts from 0 (``used + n`` would stay NULL and swallow every count).
+    db = tmp_path / "db.sqlite3"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE ratelimit (id INTEGER PRIMARY KEY, sender TEXT NOT NULL"
+                    " UNIQUE, persist INTEGER, quota INTEGER, used INTEGER,"
+                    " updated TEXT DEFAULT CURRENT_TIMESTAMP, expiry INTEGER)")
+        con.executemany("INSERT INTO ratelimit (sender, quota, used, expiry, persist)"
+                        " VALUES (?, ?, ?, ?, NULL)",
+                        [("free@example.com", None, 7, 2**31), ("nul@example.com", 3, None,
+                                                                 2**31)])
+    d = DaemonProc(tmp_path, "--default-quota", "2", "--flush-interval", "0.2")
+    try:
+        with PolicyClient(d.port) as c:
+            assert {c.ask(request_bytes(sasl_username="free@example.com"))
+                    for _ in range(10)} == {"DUNNO"}
+            assert [c.ask(request_bytes(sasl_username="nul@example.com"))
+                    for _ in range(4)] == ["DUNNO"] * 3 + ["471 daily message quota exceeded"]
+        d.wait_log("curr_count=17/unlimited, status=UPDATE")
+    finally:
+        assert d.stop() == 0
+    assert d.used("free@example.com") == 17
+    assert d.used("nul@example.com") == 4
+    cli = [sys.executable, "-m", "ratelimit_policyd"]
+    show = subprocess.run([*cli, "show", "free@example.com", "--db", f"sqlite:///{db}"],
+                          capture_output=True, text=True, timeout=30)
+    assert show.returncode == 0 and show.stdout.splitlines()[1].split()[:3] == \
+        ["free@example.com", "unlimited", "17"], show.stdout + show.stderr
+    over = subprocess.run([*cli, "list", "--over-quota", "--db", f"sqlite:///{db}"],
+                          capture_output=True, text=True, timeout=30)
+    assert over.returncode == 0, over.stderr
+    assert [line.split()[0] for line in over.stdout.splitlines()[1:]] == ["nul@example.com"]
