@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Final, NamedTuple
 
 from ratelimit_policyd.model import Delta, Row
@@ -40,6 +41,8 @@ RETRY_WINDOW: Final = 300.0
 MAX_RECENT: Final = 20_000
 #: Yields before a contended acquire blocks (see ``QuotaCache._take``).
 SPINS: Final = 1000
+#: Least recently used entries looked at when a new key needs room (see ``_add``).
+EVICT_TRIES: Final = 8
 
 
 class Entry:
@@ -55,7 +58,7 @@ class Entry:
     __slots__ = ("base", "expiry", "gen", "inflight", "known", "loaded", "pending", "persist",
                  "quota", "seen")
 
-    def __init__(self, quota: int, persist: bool, expiry: int, base: int, known: bool,
+    def __init__(self, quota: int | None, persist: bool, expiry: int, base: int, known: bool,
                  loaded: bool, now: float) -> None:
         self.quota = quota
         self.persist = persist
@@ -73,7 +76,7 @@ class Charge(NamedTuple):
     """The outcome of charging ``n`` to a key; ``used`` includes ``n``."""
 
     used: int
-    quota: int
+    quota: int | None  # None: unlimited (a NULL quota)
     over: bool
     status: str  # UPDATE | INSERT | OVER_QUOTA (the Perl daemon's log statuses)
     loaded: bool  # False: the database could not be read; quota is the default
@@ -91,7 +94,7 @@ class CacheRow:
     """A read-only view of an entry, for status output."""
 
     key: str
-    quota: int
+    quota: int | None
     used: int
     expiry: int
     persist: bool
@@ -111,12 +114,14 @@ class QuotaCache:
         # (sender, n, expiry) of windows that rolled over before they were flushed.
         self._rolled: list[tuple[str, int, int]] = []
         # Recent request tokens -> (time, answer), in insertion order.
-        self._recent: OrderedDict[object, tuple[float, tuple[int, int, bool, bool]]] = (
+        self._recent: OrderedDict[object, tuple[float, tuple[int, int | None, bool, bool]]] = (
             OrderedDict())
         self._calendar = calendar
         self._default_quota = default_quota
         self.max_entries = max_entries
         self.idle_ttl = idle_ttl
+        #: Entries evicted to make room for new keys (status output).
+        self.evictions = 0
 
     def _take(self) -> None:
         """Acquire the lock, yielding the GIL rather than sleeping while it is taken.
@@ -137,12 +142,17 @@ class QuotaCache:
 
     # -- request path ---------------------------------------------------------------
 
-    def charge(self, key: str, n: int, now: float, token: object = None) -> Charge | None:
+    def charge(self, key: str, n: int, now: float, token: object = None,
+               fill: Entry | None = None) -> Charge | None:
         """Count ``n`` for ``key`` and say whether it went over; None on a miss.
 
         ``token`` identifies the request (Postfix's instance, state and recipient): a
         request seen again within ``RETRY_WINDOW`` seconds is a retry of one whose reply
         was lost, and gets the same answer without being counted twice.
+
+        ``fill``: the entry to cache when the key is absent (see ``charge_loaded``), so
+        that a miss is installed and counted in one lock hold: with a hard cap, an entry
+        installed first and charged later could be evicted in between.
         """
         # Computed before the lock (cached by Calendar): the start of the next window,
         # in case this key's window is over.
@@ -151,14 +161,19 @@ class QuotaCache:
             self._take()
         try:
             e = self._entries.get(key)
-            if e is None:
+            if e is None and fill is None:
                 return None
             recent = self._recent
             seen = recent.get(token) if token is not None else None
             if seen is not None and now - seen[0] < RETRY_WINDOW:
                 result = seen[1]
             else:
-                self._entries.move_to_end(key)
+                if e is None:
+                    e = fill
+                    assert e is not None  # for mypy: checked above
+                    self._add(key, e)
+                else:
+                    self._entries.move_to_end(key)
                 e.seen = now
                 if now >= e.expiry:
                     # The window is over: start a new one locally (the database
@@ -171,7 +186,7 @@ class QuotaCache:
                     e.base = 0
                     e.inflight = 0
                     e.expiry = next_expiry
-                    if not e.persist:
+                    if not e.persist and e.quota is not None:  # NULL stays unlimited
                         e.quota = self._default_quota
                 e.pending += n
                 self._dirty.add(key)
@@ -188,35 +203,73 @@ class QuotaCache:
         finally:
             self._lock.release()
         used, quota, known, loaded = result
-        over = used > quota
+        over = quota is not None and used > quota  # None: a NULL quota, unlimited
         return Charge(used, quota, over, OVER_QUOTA if over else UPDATE if known else INSERT,
                       loaded)
 
-    def install(self, key: str, row: Row | None, now: float) -> None:
-        """Cache a key after a miss: ``row`` as loaded, or None when it has no row.
+    def charge_loaded(self, key: str, row: Row | None, n: int, now: float,
+                      token: object = None) -> Charge:
+        """``charge`` after a miss: ``row`` as loaded, or None when the key has no row.
 
-        Insert-if-absent: when two threads missed the same key, the first install wins
-        and the other's (equally fresh) row is dropped, so no count is lost.
+        Insert-if-absent: when two threads missed the same key, the first one's entry
+        wins and the other's (equally fresh) row is dropped, so no count is lost.
         """
+        charged = self.charge(key, n, now, token, self._entry_from_row(row, now))
+        assert charged is not None  # a filled charge always counts
+        return charged
+
+    def charge_unloaded(self, key: str, n: int, now: float, token: object = None) -> Charge:
+        """``charge`` after a miss whose row could not be read (database down).
+
+        The key gets the default quota; counts made meanwhile are flushed when the
+        database is back, and the row the flush returns replaces the assumed quota and
+        count.
+        """
+        charged = self.charge(key, n, now, token, self._unloaded_entry(now))
+        assert charged is not None  # a filled charge always counts
+        return charged
+
+    def install(self, key: str, row: Row | None, now: float) -> None:
+        """Cache a key without counting (``row`` as loaded; None: it has no row)."""
         self._insert_if_absent(key, self._entry_from_row(row, now))
 
     def install_unloaded(self, key: str, now: float) -> None:
-        """Cache a key whose row could not be read (database down): default quota.
-
-        Counts made meanwhile are flushed when the database is back; the row the flush
-        returns then replaces the assumed quota and count.
-        """
-        self._insert_if_absent(key, Entry(self._default_quota, False,
-                                          self._calendar.next_boundary(now), 0,
-                                          known=True, loaded=False, now=now))
+        """Cache a key whose row could not be read, without counting."""
+        self._insert_if_absent(key, self._unloaded_entry(now))
 
     def _insert_if_absent(self, key: str, entry: Entry) -> None:
         self._take()
         try:
             if key not in self._entries:
-                self._entries[key] = entry
+                self._add(key, entry)
         finally:
             self._lock.release()
+
+    def _add(self, key: str, entry: Entry) -> None:
+        """Insert a new key (lock held), first evicting to stay within ``max_entries``.
+
+        The victim is the least recently used entry without unwritten (pending or in
+        flight) counts; one holding some is never evicted, as its counts would vanish
+        from the key's view. Every charge moves its key to the end, and an entry holds
+        unwritten counts only from its last charge until the flush that writes them,
+        so such entries gather at the recent end: when the first EVICT_TRIES entries
+        all hold some, (nearly) every entry does, and the new key is cached anyway.
+        The cache then holds more than ``max_entries`` keys only while more keys than
+        that hold unwritten counts (a database that cannot be written, or more new
+        keys per flush interval than the cap), and the flusher's ``evict`` trims it
+        once they are written. Bounded work per insert: never a scan.
+        """
+        entries = self._entries
+        if len(entries) >= self.max_entries:
+            dirty = self._dirty
+            # From the least recently used end: O(1) per step on an OrderedDict (a
+            # linked list), where a plain dict would first skip its deleted slots.
+            for old, e in islice(entries.items(), EVICT_TRIES):
+                if not (e.pending or e.inflight or old in dirty):
+                    del entries[old]
+                    self.evictions += 1
+                    break
+        entries[key] = entry
 
     # -- flusher side ---------------------------------------------------------------
 
@@ -385,13 +438,18 @@ class QuotaCache:
 
     # -- internals ------------------------------------------------------------------
 
+    def _unloaded_entry(self, now: float) -> Entry:
+        return Entry(self._default_quota, False, self._calendar.next_boundary(now), 0,
+                     known=True, loaded=False, now=now)
+
     def _entry_from_row(self, row: Row | None, now: float) -> Entry:
         if row is None:
             return Entry(self._default_quota, False, self._calendar.next_boundary(now), 0,
                          known=False, loaded=True, now=now)
         if row.expiry <= now:
-            # The row's window is over; the database resets it with our first count.
-            quota = row.quota if row.persist else self._default_quota
+            # The row's window is over; the database resets it with our first count
+            # (a NULL quota stays: the storage keeps it at a reset, see model.Row).
+            quota = row.quota if row.persist or row.quota is None else self._default_quota
             return Entry(quota, row.persist, self._calendar.next_boundary(now), 0,
                          known=True, loaded=True, now=now)
         return Entry(row.quota, row.persist, row.expiry, row.used, known=True, loaded=True,
@@ -436,8 +494,8 @@ class QuotaCache:
                 if expiry < e.expiry:
                     # We rolled over locally and the database has not seen a count of
                     # the new window yet: its ``used`` belongs to the old window. Only a
-                    # persistent quota carries over.
-                    if persist:
+                    # persistent or NULL (unlimited) quota carries over.
+                    if persist or quota is None:
                         e.quota = quota
                 else:
                     # Same window, or another daemon (or an operator) moved it forward.

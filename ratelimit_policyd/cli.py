@@ -282,7 +282,7 @@ def _migrate_keys(storage: Storage, *, apply: bool) -> int:
 
 
 def _merge_report(plan: KeyMerge, apply: bool) -> list[str]:
-    from ratelimit_policyd.status import fmt_time, table
+    from ratelimit_policyd.status import fmt_quota, fmt_time, table
 
     def window(r: Row) -> str:
         return "current" if plan.live(r) else "ended: not counted"
@@ -291,7 +291,7 @@ def _merge_report(plan: KeyMerge, apply: bool) -> list[str]:
     lines = [f"{plan.target} <- {', '.join(r.sender for r in plan.sources)}"]
     lines += ["  " + ln for ln in table(
         ("SENDER", "QUOTA", "USED", "EXPIRY", "PERSIST", "WINDOW"),
-        ((r.sender, r.quota, r.used, fmt_time(r.expiry), "yes" if r.persist else "no",
+        ((r.sender, fmt_quota(r.quota), r.used, fmt_time(r.expiry), "yes" if r.persist else "no",
           window(r)) for r in rows))]
     steps = []
     if plan.renamed is not None:
@@ -410,7 +410,8 @@ def _cmd_admin(ns: argparse.Namespace, settings: Settings) -> int:
             rows = list(storage.iter_rows())
             if ns.over_quota:
                 now = time.time()
-                rows = [r for r in rows if r.used >= r.quota and r.expiry > now]
+                rows = [r for r in rows
+                        if r.quota is not None and r.used >= r.quota and r.expiry > now]
             rows.sort(key=lambda r: (-r.used, r.sender) if ns.top else (r.sender,))
             if ns.top:
                 rows = rows[: ns.top]

@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 import daemon as python_daemon
 
 from ratelimit_policyd.config import Settings
-from ratelimit_policyd.lifecycle import Daemon
+from ratelimit_policyd.lifecycle import Daemon, DescriptorLimitError
 from ratelimit_policyd.logs import setup_logging
 from ratelimit_policyd.storage.base import StorageError
 
@@ -315,6 +315,8 @@ def serve(settings: Settings, overrides: dict[str, dict[str, Any]], opts: RunOpt
 def _bind(daemon: Daemon, settings: Settings) -> None:
     try:
         daemon.bind()
+    except DescriptorLimitError as exc:
+        raise StartError(str(exc), os.EX_CONFIG) from exc
     except OSError as exc:
         host, port = settings.listen_address()
         hint = " (is another ratelimit-policyd running?)" if exc.errno == errno.EADDRINUSE else ""

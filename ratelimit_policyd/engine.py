@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from ratelimit_policyd.cache import QuotaCache
+from ratelimit_policyd.cache import Charge, QuotaCache
 from ratelimit_policyd.codec import encode_reply
 from ratelimit_policyd.loader import MissLoader
 from ratelimit_policyd.policy import Countable, Limits, Skip, classify
@@ -94,14 +94,7 @@ class Engine:
             if instance else None
         charge = cache.charge(what.key, what.n, now, token)
         if charge is None:
-            self._load(what.key, now)
-            charge = cache.charge(what.key, what.n, now, token)
-            if charge is None:  # evicted in between: only under extreme churn
-                self._load(what.key, now)
-                charge = cache.charge(what.key, what.n, now, token)
-                if charge is None:
-                    self._count("dunno")
-                    return DUNNO
+            charge = self._charge_miss(what.key, what.n, now, token)
         if not charge.loaded:
             reply = db_error_reply
             action = "db_error"
@@ -118,7 +111,8 @@ class Engine:
             line = (f"{get('queue_id', '')}: client={get('client_name', '')}"
                     f"[{get('client_address', '')}], sasl_method={get('sasl_method', '')}, "
                     f"sasl_username={get('sasl_username', '')}, recipient_count={what.n}, "
-                    f"curr_count={charge.used}/{charge.quota}, "
+                    f"curr_count={charge.used}/"
+                    f"{'unlimited' if charge.quota is None else charge.quota}, "
                     f"status={charge.status}")
             if self._sink is not None:
                 self._sink((now, line))
@@ -126,20 +120,22 @@ class Engine:
                 decisions.info("%s", line)
         return reply
 
-    def _load(self, key: str, now: float) -> None:
-        """Fill the cache for a missed key, outside the cache lock."""
+    def _charge_miss(self, key: str, n: int, now: float, token: object) -> Charge:
+        """Read a missed key's row (outside the cache lock), then cache it and count.
+
+        Caching and counting are one cache operation: with the cache at its cap, an
+        entry cached first could be evicted by other misses before it is counted.
+        """
         if now < self._db_down_until:
-            self.cache.install_unloaded(key, now)
-            return
+            return self.cache.charge_unloaded(key, n, now, token)
         try:
             if self.loader is not None:
-                self.loader.load(key)  # batched with other misses; installs the row
-                return
-            rows = self.storage.load([key])
+                row = self.loader.load(key)  # batched with other misses
+            else:
+                row = self.storage.load([key]).get(key)
         except StorageError as exc:
             self._db_down_until = now + DB_RETRY_AFTER
             log.warning("database unavailable for %r (%s): answering per on_db_error and "
                         "counting in memory until it is back", key, exc)
-            self.cache.install_unloaded(key, now)
-            return
-        self.cache.install(key, rows.get(key), now)
+            return self.cache.charge_unloaded(key, n, now, token)
+        return self.cache.charge_loaded(key, row, n, now, token)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -40,6 +41,49 @@ log = logging.getLogger(__name__)
 #: Thread stack size for connection threads: hundreds of Postfix connections each hold
 #: a thread, and the default 8 MiB of address space each is far more than they use.
 THREAD_STACK_SIZE = 512 * 1024
+#: File descriptors the daemon needs besides its Postfix connections and database pool:
+#: stdio, the listening and control sockets (and a status client), the wake pipe, log
+#: files and syslog, the pidfile, the spool, SQLite's files (two connections, -wal,
+#: -shm), the reserve of the acceptor, and a few inherited ones. Measured at about 15.
+FD_MARGIN = 64
+
+
+class DescriptorLimitError(Exception):
+    """``server.max_connections`` cannot fit in the limit of open files."""
+
+
+def ensure_descriptors(settings: Settings) -> str | None:
+    """Make room for ``server.max_connections`` in the limit of open files.
+
+    A connection costs a descriptor; past the limit, accept() fails. Raises the soft
+    limit (RLIMIT_NOFILE) up to the hard limit when it is too low (a SysV start from a
+    shell inherits 1024) and returns what it did, to be logged; raises
+    DescriptorLimitError when even the hard limit is too low.
+    """
+    s = settings
+    needed = s.server.max_connections + s.database.pool_size + FD_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        fits = hard - s.database.pool_size - FD_MARGIN
+        raise DescriptorLimitError(
+            f"server.max_connections = {s.server.max_connections} needs {needed} file "
+            f"descriptors ({s.database.pool_size} for database.pool_size and {FD_MARGIN} "
+            f"for logs, sockets and files), but the limit of open files is {soft} and "
+            f"cannot be raised beyond {hard} (RLIMIT_NOFILE): "
+            + (f"lower server.max_connections to {fits} at most, or " if fits > 0 else "")
+            + "raise the limit (LimitNOFILE= in the systemd unit, ulimit -n in the "
+            "init script)")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    except (OSError, ValueError) as exc:
+        raise DescriptorLimitError(
+            f"server.max_connections = {s.server.max_connections} needs {needed} file "
+            f"descriptors, but the limit of open files ({soft}) could not be raised: "
+            f"{exc}") from exc
+    return (f"raised the limit of open files (RLIMIT_NOFILE) from {soft} to {needed} for "
+            f"server.max_connections = {s.server.max_connections}")
 
 
 def sd_notify(message: str) -> None:
@@ -90,17 +134,21 @@ class Daemon:
         self.server: PolicyServer | None = None
         self.flusher: Flusher | None = None
         self.control: ControlServer | None = None
+        # What ensure_descriptors() did before logging was set up, logged by start().
+        self._fd_note: str | None = None
 
     # -- start ----------------------------------------------------------------------
 
     def bind(self) -> None:
         """Open the policy port and the control socket, starting no thread.
 
-        A port in use raises OSError here, while an operator still sees the terminal.
+        A port in use raises OSError here, while an operator still sees the terminal,
+        and a ``max_connections`` beyond the limit of open files DescriptorLimitError.
         The control socket is optional: when it cannot be made, the error is logged and
         the daemon serves without ``status``.
         """
         s = self.settings
+        self._fd_note = ensure_descriptors(s)
         # Requests wait in the listen backlog until start() installs the engine.
         self.server = PolicyServer(
             s.listen_address(), lambda attrs: DUNNO,
@@ -167,7 +215,7 @@ class Daemon:
         self.engine = engine = Engine(limits, cache, storage,
                                       decision_sink=self.decision_log.append)
         engine.log_decisions = s.log.decisions
-        self.loader = MissLoader(storage, cache, time.time,
+        self.loader = MissLoader(storage,
                                  s.database.connect_timeout + s.database.read_timeout + 1.0)
         self.loader.start()
         engine.loader = self.loader
@@ -179,6 +227,8 @@ class Daemon:
             self.bind()
         assert self.server is not None
         self.server.handle_request_attrs = engine.handle
+        # Opened now, not at bind(): python-daemon closes what it was not told to keep.
+        self.server.reserve_descriptor()
         threading.stack_size(THREAD_STACK_SIZE)
         self.flusher.start()
         self._serve_thread = threading.Thread(target=self.server.serve_forever,
@@ -190,6 +240,8 @@ class Daemon:
                  "default quota %d, key %s", __version__, host, port,
                  redact_url(s.db_url()), limits.period.value, limits.default_quota,
                  limits.key_type)
+        if self._fd_note is not None:
+            log.info("%s", self._fd_note)
         if self.control is not None:
             self.control.serve(self.status_lines)
             log.info("status on control socket %s", self.control.path)
@@ -264,6 +316,11 @@ class Daemon:
             self._reject_reload(exc.errors)
             return
         try:
+            note = ensure_descriptors(new)
+        except DescriptorLimitError as exc:
+            self._reject_reload([str(exc)])
+            return
+        try:
             handlers, log_warnings = build_handlers(new.log)
         except OSError as exc:
             where = f"log.file: cannot open {exc.filename}: " if exc.filename else "log: "
@@ -287,6 +344,8 @@ class Daemon:
         install_handlers(handlers, new.log)
         for text in log_warnings:
             log.warning("%s", text)
+        if note is not None:
+            log.info("%s", note)
         self.engine.set_limits(limits)
         self.engine.log_decisions = new.log.decisions
         self.cache.reconfigure(calendar, limits.default_quota)

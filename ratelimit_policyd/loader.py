@@ -4,17 +4,18 @@ A request for a key the cache does not hold must wait for its row. Each request 
 querying the database itself made every miss pay a round trip and a share of the GIL
 hand-overs of a busy daemon, one after another on a few pooled connections (misses
 waited 0.6 s under load, 3 s with a database 50 ms away). Here the waiting threads
-queue their keys and sleep; the loader reads every queued key in one query and
-installs the rows in the cache, so a burst of misses costs one round trip.
+queue their keys and sleep; the loader reads every queued key in one query and hands
+each waiter its row, so a burst of misses costs one round trip. The waiter caches the
+row and counts in one step (``QuotaCache.charge_loaded``): rows installed here, a batch
+at a time, could push each other out of a small cache before their requests count.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 
-from ratelimit_policyd.cache import QuotaCache
+from ratelimit_policyd.model import Row
 from ratelimit_policyd.storage.base import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -24,30 +25,28 @@ BATCH = 500
 
 
 class _Wait:
-    __slots__ = ("done", "error")
+    __slots__ = ("done", "error", "row")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.error: StorageError | None = None
+        self.row: Row | None = None
 
 
 class MissLoader(threading.Thread):
-    """``load(key)`` returns once the key is in the cache (from its row, or assumed)."""
+    """``load(key)`` returns the key's row (None: it has none), read with other misses."""
 
-    def __init__(self, storage: Storage, cache: QuotaCache, clock: Callable[[], float],
-                 wait_limit: float) -> None:
+    def __init__(self, storage: Storage, wait_limit: float) -> None:
         super().__init__(name="miss-loader", daemon=True)
         self._storage = storage
-        self._cache = cache
-        self._clock = clock
         self._wait_limit = wait_limit
         self._cv = threading.Condition()
         self._queue: dict[str, _Wait] = {}
         self._reading: dict[str, _Wait] = {}  # the batch being read now
         self._stopping = False
 
-    def load(self, key: str) -> None:
-        """Wait until ``key`` is cached; raise StorageError if its row could not be read.
+    def load(self, key: str) -> Row | None:
+        """Wait for ``key``'s row; raise StorageError if it could not be read.
 
         Several threads missing the same key share one read.
         """
@@ -60,6 +59,7 @@ class MissLoader(threading.Thread):
             raise StorageError(f"no answer from the database within {self._wait_limit:.0f} s")
         if wait.error is not None:
             raise wait.error
+        return wait.row
 
     def run(self) -> None:
         while True:
@@ -80,9 +80,8 @@ class MissLoader(threading.Thread):
                 log.exception("loading rows failed")
                 self._finish(waits, StorageError(f"loading rows failed: {exc}"))
                 continue
-            now = self._clock()
-            for key in keys:
-                self._cache.install(key, rows.get(key), now)
+            for key, w in zip(keys, waits, strict=True):
+                w.row = rows.get(key)
             self._finish(waits, None)
 
     def _finish(self, waits: list[_Wait], error: StorageError | None) -> None:

@@ -25,10 +25,15 @@ class Row(NamedTuple):
 
     ``expiry`` is the Unix time at which ``used`` restarts at 0 (0 when the Perl
     daemon left it NULL). ``persist`` keeps ``quota`` across resets.
+
+    A hand-made table of the Perl daemon may have nullable columns; NULLs read as that
+    daemon meant them: ``quota`` None is unlimited (its lookup, ``quota > 0``, never
+    found such a row, so it never refused nor reset it), ``used`` NULL is 0, ``persist``
+    NULL is false, ``expiry`` NULL is 0 (expired).
     """
 
     sender: str
-    quota: int
+    quota: int | None  # None: unlimited
     used: int
     expiry: int
     persist: bool

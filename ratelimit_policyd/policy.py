@@ -93,6 +93,7 @@ def classify(attrs: dict[str, str], limits: Limits) -> Countable | str:
     return Countable(key, n)
 
 
-def is_over(used_after: int, quota: int) -> bool:
-    """``used + n > quota`` is over quota; ``quota = 0`` therefore blocks the key."""
-    return used_after > quota
+def is_over(used_after: int, quota: int | None) -> bool:
+    """``used + n > quota`` is over quota; ``quota = 0`` therefore blocks the key, and
+    ``None`` (a NULL quota) never does."""
+    return quota is not None and used_after > quota

@@ -9,19 +9,30 @@ Connections stay open as long as Postfix keeps them (it closes idle ones itself 
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
+import os
 import socket
 import socketserver
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Final
 
 from ratelimit_policyd.codec import PolicyDecoder, ProtocolError
 
 log = logging.getLogger(__name__)
+
+#: accept() errors that leave the connection waiting and the listening socket readable:
+#: retried at once, they would spin the acceptor (see ``PolicyServer.get_request``).
+_OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE})
+_OUT_OF_MEMORY: Final = frozenset({errno.ENOBUFS, errno.ENOMEM})
+#: How long the acceptor pauses when it cannot even refuse a connection.
+ACCEPT_BACKOFF: Final = 0.1
+#: At most one "out of file descriptors" error line per this many seconds.
+FD_LOG_INTERVAL: Final = 10.0
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -175,6 +186,11 @@ class PolicyServer(socketserver.ThreadingTCPServer):
         self.stopping = False
         self.connections_total = 0
         self.rejected_total = 0
+        #: Connections refused because the process was out of file descriptors.
+        self.fd_refused_total = 0
+        self._fd_refused_unlogged = 0
+        self._fd_next_log = 0.0
+        self._reserve_fd: int | None = None
         super().__init__(address, PolicyHandler, bind_and_activate)
 
     @property
@@ -183,6 +199,72 @@ class PolicyServer(socketserver.ThreadingTCPServer):
 
     def connections(self) -> int:
         return len(self._conns)
+
+    def reserve_descriptor(self) -> None:
+        """Hold one spare file descriptor, spent to refuse a connection at EMFILE.
+
+        Called once the process is in its final state (after python-daemon has closed
+        every descriptor it was not told to keep).
+        """
+        if self._reserve_fd is None:
+            self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return self.socket.accept()
+        except OSError as exc:
+            if exc.errno in _OUT_OF_DESCRIPTORS:
+                self._refuse_without_descriptor(exc)
+            elif exc.errno in _OUT_OF_MEMORY:
+                time.sleep(ACCEPT_BACKOFF)  # the connection waits in the backlog
+            raise  # socketserver drops the error and polls again
+
+    def _refuse_without_descriptor(self, exc: OSError) -> None:
+        """Out of file descriptors: refuse the waiting connection at once, never spin.
+
+        socketserver would poll again at once, find the listening socket still readable
+        (the connection is still queued) and fail again: a busy loop, while Postfix
+        waits its full policy timeout for an answer. Instead the reserve descriptor is
+        freed to accept the connection and close it: Postfix sees the failure at once
+        and retries after its retry_delay, or applies its default action, as for a
+        connection over max_connections. Waiting for a descriptor instead (leaving the
+        connection queued) would hold Postfix for as long as every connection stays
+        open, up to its timeout. Without a reserve (it could not be re-opened), the
+        acceptor pauses ACCEPT_BACKOFF instead.
+        """
+        refused = False
+        if self._reserve_fd is not None:
+            os.close(self._reserve_fd)
+            self._reserve_fd = None
+            try:
+                conn, _addr = self.socket.accept()
+            except OSError:
+                pass  # another thread took the freed descriptor, or nothing waits now
+            else:
+                conn.close()
+                refused = True
+            with contextlib.suppress(OSError):
+                self.reserve_descriptor()
+        if refused:
+            self.fd_refused_total += 1
+            self.rejected_total += 1
+            self._fd_refused_unlogged += 1
+        now = time.monotonic()
+        if now >= self._fd_next_log:
+            self._fd_next_log = now + FD_LOG_INTERVAL
+            log.error("out of file descriptors (%s) at %d open connections: %d connection(s) "
+                      "refused since the last such message; raise the limit of open files "
+                      "(LimitNOFILE=, ulimit -n) or lower server.max_connections",
+                      exc.strerror or exc, len(self._conns), self._fd_refused_unlogged)
+            self._fd_refused_unlogged = 0
+        if self._reserve_fd is None:
+            time.sleep(ACCEPT_BACKOFF)  # nothing to refuse with: do not spin meanwhile
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self._reserve_fd is not None:
+            os.close(self._reserve_fd)
+            self._reserve_fd = None
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         addr = client_address[0]

@@ -27,10 +27,15 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]
             for r in cells]
 
 
+def fmt_quota(quota: int | None) -> str:
+    """A quota as shown to operators; None is a NULL quota, which never refuses."""
+    return "unlimited" if quota is None else str(quota)
+
+
 def rows_table(rows: Iterable[Row]) -> list[str]:
     return table(("SENDER", "QUOTA", "USED", "EXPIRY", "PERSIST"),
-                 ((r.sender, r.quota, r.used, fmt_time(r.expiry), "yes" if r.persist else "no")
-                  for r in rows))
+                 ((r.sender, fmt_quota(r.quota), r.used, fmt_time(r.expiry),
+                   "yes" if r.persist else "no") for r in rows))
 
 
 def render_status(d: Daemon) -> list[str]:
@@ -39,7 +44,7 @@ def render_status(d: Daemon) -> list[str]:
     snap = sorted(d.cache.snapshot(), key=lambda r: r.key)
     lines += ["  " + ln for ln in table(
         ("KEY", "QUOTA", "USED", "EXPIRY", "PERSIST", "PENDING"),
-        ((r.key, r.quota, r.used, fmt_time(r.expiry), "yes" if r.persist else "no",
+        ((r.key, fmt_quota(r.quota), r.used, fmt_time(r.expiry), "yes" if r.persist else "no",
           r.pending if r.loaded else f"{r.pending} (db unread)") for r in snap))]
     srv, fl, eng = d.server, d.flusher, d.engine
     st = fl.stats if fl else None
@@ -49,7 +54,8 @@ def render_status(d: Daemon) -> list[str]:
         f"connections open {srv.connections() if srv else 0}, "
         f"connections total {srv.connections_total if srv else 0}, "
         f"refused {srv.rejected_total if srv else 0}, threads {threading.active_count()}, "
-        f"requests {sum(decided.values())}, decisions {decided}, cached keys {len(snap)}, "
+        f"requests {sum(decided.values())}, decisions {decided}, cached keys {len(snap)} "
+        f"(max_entries {d.cache.max_entries}, evicted for new keys {d.cache.evictions}), "
         f"pending counts {d.cache.pending_total()}")
     if st is not None:
         lines.append(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 
-from ratelimit_policyd.cache import INSERT, OVER_QUOTA, UPDATE, QuotaCache
+from ratelimit_policyd.cache import INSERT, OVER_QUOTA, UPDATE, CacheRow, QuotaCache
 from ratelimit_policyd.model import Delta, Period, Row
 from ratelimit_policyd.window import Calendar
 
@@ -230,3 +230,97 @@ def test_retried_request_is_answered_the_same_and_counted_once() -> None:
     assert late is not None and late.used == 3
     assert sum(d.n for d in c.drain().deltas) == 3
 
+
+
+def _flush(c: QuotaCache, written: dict[str, int], now: float) -> None:
+    """A flusher stand-in: "writes" what it drains and confirms it."""
+    batch = c.drain()
+    for d in batch.deltas:
+        written[d.sender] = written.get(d.sender, 0) + d.n
+    c.confirm(batch, {d.sender: Row(d.sender, 10**9, written[d.sender], d.expiry, False)
+                      for d in batch.deltas}, now)
+
+
+def test_max_entries_is_a_hard_cap_at_every_insert() -> None:
+    # 10,000 new keys into a cache of 100, flushed every 50 keys: before, the cache
+    # grew by every key added between two flush rounds (the flusher's evict trimmed it).
+    c = make(default_quota=10**9, max_entries=100, idle_ttl=1e9)
+    written: dict[str, int] = {}
+    for i in range(10_000):
+        key = f"k{i}"
+        now = T0 + i
+        if c.charge(key, 1, now) is None:
+            c.install(key, None, now)
+            assert c.charge(key, 1, now) is not None
+        assert len(c) <= 100, i
+        if i % 50 == 49:
+            _flush(c, written, now)
+    _flush(c, written, T0 + 10_000)
+    assert written == {f"k{i}": 1 for i in range(10_000)}  # no count lost
+    assert len(c) == 100
+    # The least recently used went first: the cache holds the last 100 keys.
+    assert c.peek("k9899") is None and c.peek("k9900") is not None
+
+
+def test_a_full_cache_evicts_the_least_recently_used_entry_without_unwritten_counts() -> None:
+    c = make(default_quota=10**9, max_entries=100, idle_ttl=1e9)
+    written: dict[str, int] = {}
+    for i in range(100):
+        c.install(f"k{i}", None, T0 + i)
+        c.charge(f"k{i}", 1, T0 + i)
+    _flush(c, written, T0 + 100)
+    c.charge("k0", 1, T0 + 101)  # k0 now holds an unwritten count, and is recent
+    c.charge_loaded("new1", None, 1, T0 + 102)
+    assert len(c) == 100 and c.peek("k1") is None and c.peek("k0") is not None
+    c.drain()  # k0's count is now in flight: still never evicted
+    c.charge_loaded("new2", None, 1, T0 + 103)
+    assert c.peek("k2") is None and c.peek("k0") is not None
+
+
+def test_when_every_entry_holds_unwritten_counts_a_new_key_is_still_cached_and_counted() -> None:
+    # The database cannot be written: no entry may go, or its counts would vanish from
+    # its key's view. The cap yields to them, and comes back once they are written.
+    c = make(default_quota=10**9, max_entries=100, idle_ttl=1e9)
+    for i in range(100):
+        c.charge_unloaded(f"k{i}", 1, T0 + i)
+    got = c.charge_unloaded("one-more", 1, T0 + 100)
+    assert got.used == 1
+    assert len(c) == 101
+    assert c.pending_total() == 101
+    written: dict[str, int] = {}
+    _flush(c, written, T0 + 101)
+    assert sum(written.values()) == 101
+    c.evict(T0 + 102)
+    assert len(c) == 100 and c.peek("k0") is None and c.peek("one-more") is not None
+
+
+def test_a_miss_is_cached_and_counted_in_one_step() -> None:
+    # Two threads missing one key: the first entry wins, both counts land in it.
+    c = make(default_quota=10)
+    first = c.charge_loaded("a", Row("a", 10, 4, NEXT_HOUR, False), 1, T0)
+    second = c.charge_loaded("a", Row("a", 10, 4, NEXT_HOUR, False), 1, T0)
+    assert (first.used, first.status, second.used) == (5, UPDATE, 6)
+    retried = c.charge_loaded("b", None, 1, T0, token="t")
+    c.evict(T0 + 10_000)
+    assert c.peek("b") is not None  # unwritten: kept
+    assert c.charge_loaded("b", None, 1, T0 + 1, token="t") == retried
+    assert c.pending_total() == 3
+
+
+def test_a_null_quota_is_never_refused_and_stays_unlimited_in_a_new_window() -> None:
+    # A NULL quota of a hand-made Perl table: unlimited (see model.Row).
+    c = make(default_quota=5)
+    c.install("u", Row("u", None, 10**6, NEXT_HOUR, False), T0)
+    for _ in range(20):
+        got = c.charge("u", 1, T0)
+        assert got is not None and not got.over and got.quota is None
+    rolled = c.charge("u", 1, NEXT_HOUR + 1)  # the window rolls over in the cache
+    assert rolled is not None and (rolled.used, rolled.quota, rolled.over) == (1, None, False)
+    # An expired row, and a row read back from the old window, keep it too.
+    c.install("x", Row("x", None, 99, int(T0) - 1, False), T0)
+    assert c.peek("x") == CacheRow("x", None, 0, NEXT_HOUR, False, 0, True)
+    c.charge("x", 1, T0)
+    batch = c.drain()
+    c.confirm(batch, {"x": Row("x", None, 50, int(T0) - 1, False)}, T0)
+    got = c.charge("x", 1, T0)
+    assert got is not None and got.quota is None and not got.over

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import random
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from ratelimit_policyd.control import query
 from tests.policyclient import (
     PolicyClient,
     free_port,
@@ -136,3 +141,83 @@ def test_version() -> None:
     p = subprocess.run([sys.executable, "-m", "ratelimit_policyd", "--version"],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 0 and "ratelimit-policyd" in p.stdout
+
+
+def _status_numbers(d: DaemonProc) -> tuple[int, int]:
+    """(cached keys, pending counts) from the daemon's ``status``."""
+    text = query(d.tmp / "state" / "control.sock", "status")
+    cached = re.search(r"cached keys (\d+)", text)
+    pending = re.search(r"pending counts (\d+)", text)
+    assert cached and pending, text
+    return int(cached.group(1)), int(pending.group(1))
+
+
+def test_max_entries_is_never_exceeded_and_no_count_is_lost(tmp_path: Path) -> None:
+    # Bursts of 60 new senders and 20 returning (evicted, so re-read) ones into a cache
+    # of 100, each burst fewer keys than the cap: the cache must hold at most 100 at
+    # every look. Before, each burst's new keys stayed cached on top of the 100 until
+    # the next flush round evicted them.
+    conf = tmp_path / "rl.conf"
+    conf.write_text("[cache]\nmax_entries = 100\nflush_interval = 0.5\n")
+    d = DaemonProc(tmp_path, "--default-quota", "1000", config=conf)
+    sent: dict[str, int] = {}
+    rnd = random.Random(3)
+    looks: list[int] = []
+    try:
+        with PolicyClient(d.port) as c:
+            for burst in range(20):
+                keys = [f"s{burst * 60 + i}@example.com" for i in range(60)]
+                keys += rnd.sample(sorted(sent), 20) if sent else []
+                for key in keys:
+                    assert c.ask(request_bytes(sasl_username=key)) == "DUNNO"
+                    sent[key] = sent.get(key, 0) + 1
+                cached, _pending = _status_numbers(d)
+                looks.append(cached)
+                deadline = time.monotonic() + 30
+                while _status_numbers(d)[1]:  # the burst is written: all clean again
+                    assert time.monotonic() < deadline, "counts never flushed"
+                    time.sleep(0.05)
+                looks.append(_status_numbers(d)[0])
+    finally:
+        assert d.stop() == 0
+    assert max(looks) <= 100, looks
+    assert looks[-1] == 100
+    with sqlite3.connect(d.db) as con:
+        used = dict(con.execute("SELECT sender, used FROM ratelimit").fetchall())
+    assert used == sent and sum(sent.values()) == 20 * 60 + 19 * 20
+
+
+def test_null_columns_of_a_hand_made_perl_table(tmp_path: Path) -> None:
+    # Nullable quota/used/persist, as a hand-made table for the Perl daemon may have
+    # them: a NULL quota is unlimited (the Perl daemon never refused such a key), a NULL
+    # used counts from 0 (``used + n`` would stay NULL and swallow every count).
+    db = tmp_path / "db.sqlite3"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE ratelimit (id INTEGER PRIMARY KEY, sender TEXT NOT NULL"
+                    " UNIQUE, persist INTEGER, quota INTEGER, used INTEGER,"
+                    " updated TEXT DEFAULT CURRENT_TIMESTAMP, expiry INTEGER)")
+        con.executemany("INSERT INTO ratelimit (sender, quota, used, expiry, persist)"
+                        " VALUES (?, ?, ?, ?, NULL)",
+                        [("free@example.com", None, 7, 2**31), ("nul@example.com", 3, None,
+                                                                 2**31)])
+    d = DaemonProc(tmp_path, "--default-quota", "2", "--flush-interval", "0.2")
+    try:
+        with PolicyClient(d.port) as c:
+            assert {c.ask(request_bytes(sasl_username="free@example.com"))
+                    for _ in range(10)} == {"DUNNO"}
+            assert [c.ask(request_bytes(sasl_username="nul@example.com"))
+                    for _ in range(4)] == ["DUNNO"] * 3 + ["471 daily message quota exceeded"]
+        d.wait_log("curr_count=17/unlimited, status=UPDATE")
+    finally:
+        assert d.stop() == 0
+    assert d.used("free@example.com") == 17
+    assert d.used("nul@example.com") == 4
+    cli = [sys.executable, "-m", "ratelimit_policyd"]
+    show = subprocess.run([*cli, "show", "free@example.com", "--db", f"sqlite:///{db}"],
+                          capture_output=True, text=True, timeout=30)
+    assert show.returncode == 0 and show.stdout.splitlines()[1].split()[:3] == \
+        ["free@example.com", "unlimited", "17"], show.stdout + show.stderr
+    over = subprocess.run([*cli, "list", "--over-quota", "--db", f"sqlite:///{db}"],
+                          capture_output=True, text=True, timeout=30)
+    assert over.returncode == 0, over.stderr
+    assert [line.split()[0] for line in over.stdout.splitlines()[1:]] == ["nul@example.com"]

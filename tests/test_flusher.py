@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 
 from ratelimit_policyd.cache import QuotaCache
+from ratelimit_policyd.engine import DUNNO, Engine
 from ratelimit_policyd.flusher import Flusher
+from ratelimit_policyd.loader import MissLoader
 from ratelimit_policyd.model import Period
+from ratelimit_policyd.policy import Limits
 from ratelimit_policyd.storage import open_storage
 from ratelimit_policyd.window import Calendar
 
@@ -113,3 +116,55 @@ def test_a_new_interval_applies_to_the_current_wait(tmp_path: Path) -> None:
     finally:
         assert flusher.close(10.0)
         storage.close()
+def test_max_entries_holds_on_the_request_path_with_no_count_lost(tmp_path: Path) -> None:
+    # The real path: Engine -> MissLoader (batched reads) -> QuotaCache -> Flusher ->
+    # SQLite. 10,000 new senders and 2,500 returning (evicted, so re-read) ones, from 8
+    # threads, into a cache of 100 flushed between bursts; a watcher samples its size
+    # throughout. Before, a burst's misses were installed beyond the cap until the
+    # next flush round evicted them.
+    path = tmp_path / "db.sqlite3"
+    storage = open_storage(f"sqlite:///{path}", create_schema=True)
+    cache = QuotaCache(Calendar(Period.DAILY, "UTC"), 10**6, max_entries=100)
+    engine = Engine(Limits(default_quota=10**6), cache, storage,
+                    decision_sink=lambda _line: None)
+    engine.loader = loader = MissLoader(storage, 10.0)
+    loader.start()
+    flusher = Flusher(cache, storage, 3600, default_quota=lambda: 10**6)
+    sizes: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            sizes.append(len(cache))
+            time.sleep(0.0005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    sent: dict[str, int] = {}
+    rnd = random.Random(7)
+    for burst in range(125):
+        keys = [f"u{burst * 80 + i}@example.com" for i in range(80)]
+        keys += rnd.sample(sorted(sent), 20) if sent else []
+        for key in keys:
+            sent[key] = sent.get(key, 0) + 1
+        parts = [keys[i::8] for i in range(8)]
+
+        def work(part: list[str]) -> None:
+            for key in part:
+                assert engine.handle({"protocol_state": "RCPT", "sasl_username": key,
+                                      "recipient": "r@remote.example"}) == DUNNO
+
+        threads = [threading.Thread(target=work, args=(p,)) for p in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(cache) <= 100, burst
+        assert flusher.flush_once()
+    done.set()
+    watcher.join()
+    loader.stop()
+    storage.close()
+    assert max(sizes) <= 100 and len(sizes) > 1000
+    assert len(sent) == 10_000 and sum(sent.values()) == 12_480
+    assert db_used(path) == sent

@@ -44,3 +44,14 @@ def test_one_persistent_row_agrees_with_itself() -> None:
 def test_nothing_to_merge_is_an_error() -> None:
     with pytest.raises(ValueError):
         plan_merge("a@x", None, [], NOW)
+
+
+def test_an_unlimited_persistent_quota_is_the_least_restrictive() -> None:
+    # A NULL quota (a hand-made nullable Perl column) is unlimited: a limited persistent
+    # row wins over it, and it wins over nothing else.
+    plan = plan_merge("a@x", Row("a@x", None, 0, LIVE, True),
+                      [Row("A@x", 5, 0, LIVE, True)], NOW)
+    assert (plan.quota, plan.conflict) == (5, True)
+    alone = plan_merge("a@x", None, [Row("A@x", None, 1, LIVE, True),
+                                     Row("A@X", 0, 1, LIVE, True)], NOW)
+    assert (alone.renamed, alone.quota) == ("A@X", 0)

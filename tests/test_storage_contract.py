@@ -161,7 +161,7 @@ def storage(backend: Backend) -> Storage:
     return backend.storage
 
 
-def row(sender: str, quota: int, used: int, expiry: int, persist: bool = False) -> Row:
+def row(sender: str, quota: int | None, used: int, expiry: int, persist: bool = False) -> Row:
     return Row(sender=sender, quota=quota, used=used, expiry=expiry, persist=persist)
 
 
@@ -241,6 +241,82 @@ def test_rows_without_expiry_from_the_perl_daemon_count_as_expired(
     assert storage.load(["perl@x"]) == {"perl@x": row("perl@x", 7, 50, 0, bool(persist))}
     got = storage.apply([Delta("perl@x", 1, E1)], default_quota=100)
     assert got["perl@x"] == row("perl@x", quota_after, 1, E1, bool(persist))
+
+
+def make_columns_nullable(backend: Backend) -> None:
+    """The table as an operator may have made it by hand for the Perl daemon: quota,
+    used and persist without NOT NULL (expiry is nullable in the shipped schema too)."""
+    if isinstance(backend, MySQLBackend):
+        backend.sql(
+            "ALTER TABLE ratelimit MODIFY persist TINYINT(1) NULL DEFAULT NULL,"
+            " MODIFY quota INT(10) UNSIGNED NULL DEFAULT NULL,"
+            " MODIFY used INT(10) UNSIGNED NULL DEFAULT NULL"
+        )
+    else:  # SQLite cannot alter a column: the same table, made again
+        backend.sql("DROP VIEW view_ratelimit")
+        backend.sql("DROP TABLE ratelimit")
+        backend.sql(
+            "CREATE TABLE ratelimit (id INTEGER PRIMARY KEY, sender TEXT NOT NULL UNIQUE,"
+            " persist INTEGER, quota INTEGER, used INTEGER,"
+            " updated TEXT DEFAULT CURRENT_TIMESTAMP, expiry INTEGER)"
+        )
+    backend.storage.check_schema()
+
+
+def put_nullable(
+    backend: Backend, sender: str, quota: int | None, used: int | None,
+    expiry: int | None, persist: int | None,
+) -> None:
+    backend.sql(
+        "INSERT INTO ratelimit (sender, quota, used, expiry, persist) VALUES (%s, %s, %s, %s, %s)",
+        (sender, quota, used, expiry, persist),
+    )
+
+
+def test_a_null_used_reads_as_zero_and_takes_every_count(
+    backend: Backend, storage: Storage
+) -> None:
+    # Before, ``used + n`` stayed NULL: every count of the key was swallowed.
+    make_columns_nullable(backend)
+    put_nullable(backend, "u@x", quota=7, used=None, expiry=E1, persist=0)
+    assert storage.load(["u@x"]) == {"u@x": row("u@x", 7, 0, E1)}
+    assert storage.apply([Delta("u@x", 3, E1)], default_quota=100) == {
+        "u@x": row("u@x", 7, 3, E1)
+    }
+    storage.apply([Delta("u@x", 2, E1), Delta("v@x", 1, E1)], default_quota=100)
+    assert backend.sql("SELECT used FROM ratelimit WHERE sender = %s", ("u@x",)) == [(5,)]
+
+
+@pytest.mark.parametrize("persist", [None, 0, 1])
+def test_a_null_quota_is_unlimited_and_stays_so_across_resets(
+    backend: Backend, storage: Storage, persist: int | None
+) -> None:
+    # The Perl daemon's lookup (``WHERE quota > 0``) never found such a row: it never
+    # refused the key, nor reset its quota. Before, it read as 0, which blocks.
+    make_columns_nullable(backend)
+    put_nullable(backend, "q@x", quota=None, used=5, expiry=E1, persist=persist)
+    flag = bool(persist)
+    assert storage.load(["q@x"]) == {"q@x": row("q@x", None, 5, E1, flag)}
+    assert storage.apply([Delta("q@x", 2, E1)], 100)["q@x"] == row("q@x", None, 7, E1, flag)
+    # A new window: used restarts, the quota stays NULL whatever persist says.
+    assert storage.apply([Delta("q@x", 1, E2)], 100)["q@x"] == row("q@x", None, 1, E2, flag)
+    assert list(storage.iter_rows()) == [row("q@x", None, 1, E2, flag)]
+
+
+def test_a_null_persist_is_not_persistent_and_all_nulls_read_as_the_perl_daemon_meant(
+    backend: Backend, storage: Storage
+) -> None:
+    make_columns_nullable(backend)
+    put_nullable(backend, "p@x", quota=7, used=50, expiry=E1, persist=None)
+    put_nullable(backend, "n@x", quota=None, used=None, expiry=None, persist=None)
+    assert storage.load(["p@x", "n@x"]) == {
+        "p@x": row("p@x", 7, 50, E1),
+        "n@x": row("n@x", None, 0, 0),
+    }
+    got = storage.apply([Delta("p@x", 1, E2), Delta("n@x", 4, E2)], default_quota=100)
+    assert got == {"p@x": row("p@x", 100, 1, E2), "n@x": row("n@x", None, 4, E2)}
+    assert storage.reset("n@x") == row("n@x", None, 0, E2)
+    assert storage.set_quota("n@x", 9, None, E2) == row("n@x", 9, 0, E2)
 
 
 def test_a_batch_of_thousands_of_keys(backend: Backend, storage: Storage) -> None:

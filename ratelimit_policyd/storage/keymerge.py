@@ -51,7 +51,7 @@ class KeyMerge:
     expiry: int  # the merged row's expiry: the latest current window's end
     used_before: int  # the lower-case key's count in the current window (0 if none)
     used_after: int  # its count after the merge (in the window ending at ``expiry``)
-    quota: int  # the merged row's quota
+    quota: int | None  # the merged row's quota (None: unlimited, a NULL column)
     persist: bool
     set_quota: bool  # whether the quota and persist columns are written
     quota_reason: str
@@ -63,6 +63,12 @@ class KeyMerge:
 
     def with_after(self, row: Row | None) -> KeyMerge:
         return replace(self, after=row)
+
+
+def restrictiveness(quota: int | None) -> tuple[bool, int]:
+    """Sort key: most restrictive first. ``0`` blocks; NULL (None) is unlimited, the
+    least restrictive (a hand-made nullable Perl column; see ``model.Row``)."""
+    return (quota is None, quota or 0)
 
 
 def plan_merge(target: str, target_row: Row | None, sources: Sequence[Row], now: int) -> KeyMerge:
@@ -85,7 +91,8 @@ def plan_merge(target: str, target_row: Row | None, sources: Sequence[Row], now:
         raise ValueError("nothing to merge")
     renamed: str | None = None
     if target_row is None:
-        base = min(sources, key=lambda r: (not r.persist, r.quota if r.persist else 0,
+        base = min(sources, key=lambda r: (not r.persist,
+                                           restrictiveness(r.quota if r.persist else 0),
                                            -r.expiry, r.sender))
         renamed = base.sender
         base_row = base._replace(sender=target)
@@ -107,7 +114,7 @@ def plan_merge(target: str, target_row: Row | None, sources: Sequence[Row], now:
     persistent = [r for r in everyone if r.persist]
     conflict = False
     if persistent:
-        quota = min(r.quota for r in persistent)
+        quota = min((r.quota for r in persistent), key=restrictiveness)
         quotas = ", ".join(f"{r.sender} {r.quota}" for r in persistent)
         if len({r.quota for r in persistent}) > 1:
             conflict = True

@@ -348,14 +348,18 @@ class MySQLStorage:
         # MySQL evaluates single-table SET assignments left to right, each seeing the
         # values assigned before it: expiry must be assigned last, or the other two
         # would compare against the new expiry. COALESCE: the Perl daemon's rows may
-        # hold a NULL expiry, which counts as expired. VALUES(col) is the value the
+        # hold a NULL expiry, which counts as expired; the other NULLs of a hand-made
+        # nullable Perl table read as that daemon meant them (model.Row): a NULL used is
+        # 0 (``used + n`` would stay NULL and swallow every count), a NULL persist is 0,
+        # and a NULL quota (unlimited) is kept at a reset. VALUES(col) is the value the
         # row would have been inserted with; MySQL 8.0.20+ deprecates it in favour of
         # a row alias that MariaDB lacks, so VALUES() is what both understand.
         reset = f"COALESCE({e}, 0) < VALUES({e})"
         self._upsert_tail = (
             " ON DUPLICATE KEY UPDATE"
-            f" {u} = IF({reset}, VALUES({u}), {u} + VALUES({u})),"
-            f" {q} = IF({reset} AND COALESCE({p}, 0) = 0, VALUES({q}), {q}),"
+            f" {u} = IF({reset}, VALUES({u}), COALESCE({u}, 0) + VALUES({u})),"
+            f" {q} = IF({reset} AND COALESCE({p}, 0) = 0 AND {q} IS NOT NULL,"
+            f" VALUES({q}), {q}),"
             f" {upd} = NOW(),"
             f" {e} = GREATEST(COALESCE({e}, 0), VALUES({e}))"
         )
@@ -1027,8 +1031,8 @@ def _row(r: Sequence[Any]) -> Row:
     sender, quota, used, expiry, persist = r
     return Row(
         sender=str(sender),
-        quota=int(quota or 0),
-        used=int(used or 0),
+        quota=None if quota is None else int(quota),  # NULL: unlimited
+        used=int(used or 0),  # NULL (a nullable Perl column) reads as 0
         expiry=int(expiry or 0),  # NULL (rows of the Perl daemon) reads as 0: expired
         persist=bool(persist),
     )

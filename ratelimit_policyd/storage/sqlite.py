@@ -119,15 +119,17 @@ class SQLiteStorage:
         q, u, e, upd = _q(n.quota), _q(n.used), _q(n.expiry), _q(n.updated)
         self._cols = f"{s}, {q}, {u}, {e}, {p}"
         # SET expressions all see the old row in SQLite; expiry is still assigned last
-        # to read the same as the MySQL statement. A row from the Perl daemon may hold
-        # a NULL expiry: COALESCE makes it "expired" (0).
+        # to read the same as the MySQL statement. NULLs of a hand-made nullable Perl
+        # table read as that daemon meant them (model.Row): a NULL expiry is "expired"
+        # (0), a NULL used is 0 (``used + n`` would stay NULL and swallow every count),
+        # a NULL persist is 0, and a NULL quota (unlimited) is kept at a reset.
         self._upsert = (
             f"INSERT INTO {t} ({s}, {q}, {u}, {e}) VALUES (?, ?, ?, ?)"
             f" ON CONFLICT ({s}) DO UPDATE SET"
             f" {u} = CASE WHEN COALESCE({e}, 0) < excluded.{e}"
-            f" THEN excluded.{u} ELSE {u} + excluded.{u} END,"
+            f" THEN excluded.{u} ELSE COALESCE({u}, 0) + excluded.{u} END,"
             f" {q} = CASE WHEN COALESCE({e}, 0) < excluded.{e} AND NOT COALESCE({p}, 0)"
-            f" THEN excluded.{q} ELSE {q} END,"
+            f" AND {q} IS NOT NULL THEN excluded.{q} ELSE {q} END,"
             f" {upd} = CURRENT_TIMESTAMP,"
             f" {e} = MAX(COALESCE({e}, 0), excluded.{e})"
         )
@@ -416,8 +418,8 @@ def _row(r: tuple[object, ...]) -> Row:
                    bool(persist))
     return Row(
         sender=str(sender),
-        quota=_int(quota),
-        used=_int(used),
+        quota=None if quota is None else _int(quota),  # NULL: unlimited
+        used=_int(used),  # NULL (a nullable Perl column) reads as 0
         expiry=_int(expiry),  # NULL (rows of the Perl daemon) reads as 0: expired
         persist=bool(persist),
     )
