@@ -210,6 +210,7 @@ def test_spooled_counts_survive_a_crash_of_the_start_that_replays_them(
     if database == "down":
         assert (tmp_path / "state" / spool.SPOOL_NAME).exists()
         db.server.start()
+    spool_left = (tmp_path / "state" / spool.SPOOL_NAME).exists()
     d3 = MySQLDaemon(tmp_path, db.url, *FINAL_ARGS)
     try:
         wait_for_counts(db, expected)
@@ -218,7 +219,14 @@ def test_spooled_counts_survive_a_crash_of_the_start_that_replays_them(
     finally:
         assert d3.stop() == 0
     assert db.used() == expected
-    assert db.sql("SELECT COUNT(*) FROM ratelimit_flushlog") == [(0,)]
+    rows = [r[0] for r in db.sql("SELECT daemon FROM ratelimit_flushlog")]
+    if spool_left:
+        assert rows == []
+    else:
+        # The kill landed after the file was removed and before its flush log rows were
+        # deleted (the start writes the spool right after logging "replaying"): those
+        # rows stay, small and harmless; nothing else may.
+        assert all(r.startswith("spool-") for r in rows), rows
     print(f"spooled {sum(expected.values())} counts, SIGKILL after the replay "
           f"(database {database}): lost 0, counted twice 0")
 
